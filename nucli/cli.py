@@ -1,0 +1,62 @@
+"""The Typer app: wires subcommands together, nothing else."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Optional
+
+import typer
+
+from nucli.commands import enhance, evaluate, segment, stitch, tile, train
+
+app = typer.Typer(
+    name="nucli",
+    help="Find every cell nucleus in whole-slide microscopy images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from nucli import __version__
+
+        typer.echo(f"nucli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit."),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show info logs.")] = False,
+) -> None:
+    """Find every cell nucleus in whole-slide microscopy images."""
+    ctx.obj = {"debug": debug}
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logger = logging.getLogger("nucli")
+    if not logger.handlers:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, console=None)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+app.command("tile")(tile.run)
+app.command("enhance")(enhance.run)
+app.command("segment")(segment.run)
+app.command("stitch")(stitch.run)
+app.command("evaluate")(evaluate.run)
+app.command("train")(train.run)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

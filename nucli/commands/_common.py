@@ -1,0 +1,105 @@
+"""What every command shares: error handling, console output, summaries."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any, Callable, TypeVar
+
+import click
+import typer
+from rich.console import Console
+
+from nucli.errors import NucliError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("nucli")
+
+
+def stdout() -> Console:
+    return Console()
+
+
+def stderr() -> Console:
+    return Console(stderr=True)
+
+
+def _debug_enabled() -> bool:
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    root = ctx.find_root()
+    return bool((root.obj or {}).get("debug"))
+
+
+def handle_errors(func: F) -> F:
+    """Turn project errors into one-line messages and exit codes.
+
+    ``NucliError`` -> its message and ``exit_code``; ``KeyboardInterrupt`` -> 130
+    with a note that the run can be resumed; an ``OSError`` (disk full, permission
+    denied) -> exit 2 naming the file; anything else -> exit 3 with a hint to rerun
+    with ``--debug`` for the traceback.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except NucliError as exc:
+            if _debug_enabled():
+                raise
+            stderr().print(f"[bold red]Error:[/] {_one_line(exc)}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if _debug_enabled():
+                raise
+            stderr().print(
+                "[yellow]Interrupted.[/] Finished work is saved; rerun the same command to resume.",
+                highlight=False,
+            )
+            raise typer.Exit(130) from None
+        except OSError as exc:
+            if _debug_enabled():
+                raise
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            msg = exc.strerror or str(exc)
+            stderr().print(f"[bold red]Error:[/] {msg}{where}", highlight=False)
+            raise typer.Exit(2) from None
+        except Exception as exc:  # noqa: BLE001 - last line of defence, never a traceback
+            if _debug_enabled():
+                raise
+            stderr().print(
+                f"[bold red]Internal error:[/] {type(exc).__name__}: {_one_line(exc)} "
+                "(rerun with `nucli --debug ...` for the traceback)",
+                highlight=False,
+            )
+            raise typer.Exit(3) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def print_summary(summary: dict[str, Any], *, as_json: bool, quiet: bool, title: str) -> None:
+    """Print the end-of-run summary: a JSON object on stdout, or a small table."""
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str, sort_keys=True) + "\n")
+        return
+    if quiet:
+        return
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, box=None)
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        table.add_row(f"[bold]{key}[/]", str(value))
+    stdout().print(table)

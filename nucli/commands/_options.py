@@ -1,0 +1,63 @@
+"""Shared option definitions: one spelling of every option across commands."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Output = Annotated[Path, typer.Option("-o", "--output", help="Output path.")]
+OptOutput = Annotated[Optional[Path], typer.Option("-o", "--output", help="Output path.")]
+Method = Annotated[
+    Optional[str],
+    typer.Option("--method", "-m", help="Segmentation method (see `nucli models`). Default: gensegnet."),
+]
+Weights = Annotated[
+    Optional[Path],
+    typer.Option("--weights", help="Weights file (.safetensors) instead of the shipped ones."),
+]
+Mpp = Annotated[
+    Optional[float],
+    typer.Option("--mpp", help="Pixel size of the input in µm/px (overrides the slide's metadata)."),
+]
+MppTarget = Annotated[
+    Optional[float],
+    typer.Option("--mpp-target", help="Working pixel size in µm/px (default: the method's)."),
+]
+TileSize = Annotated[int, typer.Option("--tile-size", min=64, help="Tile edge in working pixels.")]
+Overlap = Annotated[
+    Optional[int],
+    typer.Option("--overlap", min=0, help="Tile overlap in working pixels (must exceed the largest nucleus)."),
+]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per model batch.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
+JsonSummary = Annotated[bool, typer.Option("--json", help="Print the final summary as one JSON object.")]
+TissueMask = Annotated[
+    bool,
+    typer.Option("--tissue-mask/--no-tissue-mask", help="Skip tiles without tissue."),
+]
+Workers = Annotated[int, typer.Option("--workers", min=1, help="Local worker processes/threads.")]
+Scheduler = Annotated[
+    Optional[str],
+    typer.Option("--scheduler", help="Address of an existing dask.distributed scheduler (tcp://host:port)."),
+]
+
+
+class ClusterKind(str, Enum):
+    local = "local"
+    slurm = "slurm"
+
+
+Cluster = Annotated[
+    Optional[ClusterKind], typer.Option("--cluster", help="Start a cluster: local or slurm (dask-jobqueue).")
+]
+ClusterConfig = Annotated[
+    Optional[Path], typer.Option("--cluster-config", help="YAML/JSON with dask-jobqueue SLURMCluster settings.")
+]
+Shard = Annotated[
+    Optional[str],
+    typer.Option("--shard", help="Process only shard i of n ('i/n', 0-based) -- for HPC job arrays."),
+]

@@ -1,0 +1,12 @@
+"""`nucli tile` (not built yet)."""
+
+from __future__ import annotations
+
+from nucli.commands._common import handle_errors
+from nucli.errors import NotAvailableError
+
+
+@handle_errors
+def run() -> None:
+    """Not built yet in this version."""
+    raise NotAvailableError("`nucli tile` is not built yet in this version of nucli")
