@@ -15,6 +15,7 @@ A nucleus touching an *interior* edge of a tile (an edge with a neighbour) is
 cut there and is never taken from that tile; if its centroid is in the core it
 is larger than the overlap allows, which is an error (raise ``--overlap``).
 With nuclei no wider than ``O``, each nucleus is whole in the tile that owns it.
+Padding beyond the image (an image smaller than a tile) is owned by no tile.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def core_bounds(starts: list[int], tile: int, length: int) -> list[tuple[float, 
     n = len(starts)
     for k, s in enumerate(starts):
         lo = 0.0 if k == 0 else (s + starts[k - 1] + tile) / 2.0
-        hi = float(max(length, tile)) if k == n - 1 else (starts[k + 1] + s + tile) / 2.0
+        hi = float(length) if k == n - 1 else (starts[k + 1] + s + tile) / 2.0
         bounds.append((lo, hi))
     return bounds
 
