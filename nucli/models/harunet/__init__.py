@@ -1,0 +1,158 @@
+"""HARU-Net: dual foreground/contour network with contour-aware instance recovery.
+
+The network (:mod:`.network`) predicts a nucleus-foreground map and a thick
+contour map; :mod:`.postprocess` turns them into instances (components of
+foreground minus contour, grown back over the foreground). Importing this
+module registers the method; torch is imported only when a model is built.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nucli.errors import UsageError, WeightsError
+from nucli.models.base import Method, MethodConfig, TileResult
+from nucli.models.registry import MethodSpec, register
+
+log = logging.getLogger(__name__)
+
+NAME = "harunet"
+STRIDE = 32  # network stride (see network.STRIDE; duplicated to keep this module torch-free)
+PRESET_NAMES = ("cpu", "paper")
+
+DEFAULT_PARAMS: dict[str, Any] = {
+    "preset": "cpu",
+    "in_channels": 1,
+    "mask_threshold": 0.5,
+    "contour_threshold": 0.5,
+    "min_seed_area": 4,
+    "min_area": 10,
+    "contour_thickness": 1,  # training target: dilation radius of the inner boundary
+}
+
+DEFAULT_CONFIG = MethodConfig(
+    name=NAME,
+    mpp=0.5,  # DSB2018-scale nuclei are assumed to be at ~0.5 µm/px
+    nucleus_diameter_px=20.0,
+    max_nucleus_diameter_px=64,
+    tile_size=512,
+    overlap=64,
+    batch_size=4,
+    params=dict(DEFAULT_PARAMS),
+)
+
+
+def pad_to_stride(batch: np.ndarray, stride: int = STRIDE) -> tuple[np.ndarray, tuple[int, int]]:
+    """Reflect-pad (B, H, W) on the bottom/right to multiples of ``stride``; return it and (H, W)."""
+    h, w = batch.shape[-2:]
+    ph, pw = (-h) % stride, (-w) % stride
+    if ph or pw:
+        pad = [(0, 0)] * (batch.ndim - 2) + [(0, ph), (0, pw)]
+        batch = np.pad(batch, pad, mode="reflect" if min(h, w) > 1 else "edge")
+    return batch, (h, w)
+
+
+def preprocess(tiles: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) uint8 RGB (or (B, H, W) gray) -> (B, H, W) float32 in [0, 1], nuclei bright.
+
+    The same convention as GeNSeg-Net: grayscale, brightfield inverted,
+    percentile stretch, each tile on its own.
+    """
+    from nucli.models.gensegnet.preprocess import normalize_batch
+
+    return normalize_batch(tiles)
+
+
+class HARUNetMethod(Method):
+    """Runs the network on a batch of tiles; post-processes maps into instances."""
+
+    def __init__(self, config: MethodConfig, net: Any, device: str = "cpu"):
+        super().__init__(config)
+        self.net = net
+        self.device = device
+
+    def predict_maps(self, images: np.ndarray) -> np.ndarray:
+        """(B, H, W) normalised float images -> (B, 2, H, W) float32 probabilities [mask, contour]."""
+        import torch
+
+        padded, (h, w) = pad_to_stride(np.asarray(images, np.float32))
+        x = torch.from_numpy(np.ascontiguousarray(padded[:, None])).to(self.device)
+        with torch.inference_mode():
+            fused, _ = self.net(x)
+            prob = torch.sigmoid(fused[..., :h, :w])
+        return prob.float().cpu().numpy()
+
+    def infer(self, tiles: np.ndarray) -> np.ndarray:
+        tiles = np.asarray(tiles)
+        if tiles.ndim not in (3, 4) or tiles.shape[0] == 0:
+            raise UsageError(f"expected a (B, H, W, 3) batch of tiles, got shape {tiles.shape}")
+        return self.predict_maps(preprocess(tiles))
+
+    def postprocess(self, raw: np.ndarray) -> list[TileResult]:
+        from nucli.models.harunet.postprocess import instances_from_maps
+
+        p = {**DEFAULT_PARAMS, **self.config.params}
+        out = []
+        for maps in np.asarray(raw):
+            labels = instances_from_maps(
+                maps[0], maps[1],
+                mask_threshold=float(p["mask_threshold"]),
+                contour_threshold=float(p["contour_threshold"]),
+                min_seed_area=int(p["min_seed_area"]),
+                min_area=int(p["min_area"]),
+            )
+            out.append(TileResult(labels=labels))
+        return out
+
+
+def build_network(preset: str = "cpu", in_channels: int = 1) -> Any:
+    """A freshly initialised HARU-Net of the given preset (torch module)."""
+    from nucli.models.harunet.network import HARUNet
+
+    if preset not in PRESET_NAMES:
+        raise UsageError(f"unknown HARU-Net preset '{preset}'; choose one of: {', '.join(PRESET_NAMES)}")
+    return HARUNet(preset, in_channels=in_channels)
+
+
+def load_network(path: Path, params: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Network with the weights of ``path`` (its preset taken from the file); returns (net, stored config)."""
+    from nucli.models.weights_io import load_into, load_weights
+
+    tensors, stored = load_weights(Path(path), NAME)
+    p = {**DEFAULT_PARAMS, **(params or {}), **(stored.get("params") or {})}
+    net = build_network(str(p["preset"]), int(p["in_channels"]))
+    load_into(net, tensors, path, NAME)
+    net.eval()
+    return net, stored
+
+
+def _builder(config: MethodConfig, weights: Path | None, device: str) -> Method:
+    if weights is None:
+        raise WeightsError(f"method '{NAME}' needs weights; train them with `nucli train --method {NAME}` "
+                           "and pass --weights")
+    net, stored = load_network(weights, config.params)
+    # thresholds and preset stored with the weights are the defaults; explicit config wins for
+    # post-processing settings only when they differ from the registry defaults
+    params = {**DEFAULT_PARAMS, **(stored.get("params") or {})}
+    for key, value in config.params.items():
+        if key not in DEFAULT_PARAMS or value != DEFAULT_PARAMS[key]:
+            params[key] = value
+    params["preset"] = (stored.get("params") or {}).get("preset", params["preset"])
+    cfg = MethodConfig.from_dict({**config.to_dict(), "params": params})
+    return HARUNetMethod(cfg, net.to(device), device)
+
+
+register(
+    MethodSpec(
+        name=NAME,
+        summary="HARU-Net: residual U-blocks + attention, foreground/contour maps, contour-aware instance growth",
+        config=DEFAULT_CONFIG,
+        builder=_builder,
+        weights_file="harunet_cpu.safetensors",
+        needs_weights=True,
+    )
+)
