@@ -67,6 +67,32 @@ def preprocess(tiles: np.ndarray) -> np.ndarray:
     return normalize_batch(tiles)
 
 
+def predict_maps(net: Any, images: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Run ``net`` (eval mode) on (B, H, W) normalised images -> (B, 2, H, W) probabilities."""
+    import torch
+
+    padded, (h, w) = pad_to_stride(np.asarray(images, np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(padded[:, None])).to(device)
+    with torch.inference_mode():
+        fused, _ = net(x)
+        prob = torch.sigmoid(fused[..., :h, :w])
+    return prob.float().cpu().numpy()
+
+
+def maps_to_labels(maps: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
+    """(2, H, W) [mask, contour] probabilities -> (H, W) int32 instances with ``params`` thresholds."""
+    from nucli.models.harunet.postprocess import instances_from_maps
+
+    p = {**DEFAULT_PARAMS, **(params or {})}
+    return instances_from_maps(
+        maps[0], maps[1],
+        mask_threshold=float(p["mask_threshold"]),
+        contour_threshold=float(p["contour_threshold"]),
+        min_seed_area=int(p["min_seed_area"]),
+        min_area=int(p["min_area"]),
+    )
+
+
 class HARUNetMethod(Method):
     """Runs the network on a batch of tiles; post-processes maps into instances."""
 
@@ -77,14 +103,7 @@ class HARUNetMethod(Method):
 
     def predict_maps(self, images: np.ndarray) -> np.ndarray:
         """(B, H, W) normalised float images -> (B, 2, H, W) float32 probabilities [mask, contour]."""
-        import torch
-
-        padded, (h, w) = pad_to_stride(np.asarray(images, np.float32))
-        x = torch.from_numpy(np.ascontiguousarray(padded[:, None])).to(self.device)
-        with torch.inference_mode():
-            fused, _ = self.net(x)
-            prob = torch.sigmoid(fused[..., :h, :w])
-        return prob.float().cpu().numpy()
+        return predict_maps(self.net, images, self.device)
 
     def infer(self, tiles: np.ndarray) -> np.ndarray:
         tiles = np.asarray(tiles)
@@ -93,20 +112,7 @@ class HARUNetMethod(Method):
         return self.predict_maps(preprocess(tiles))
 
     def postprocess(self, raw: np.ndarray) -> list[TileResult]:
-        from nucli.models.harunet.postprocess import instances_from_maps
-
-        p = {**DEFAULT_PARAMS, **self.config.params}
-        out = []
-        for maps in np.asarray(raw):
-            labels = instances_from_maps(
-                maps[0], maps[1],
-                mask_threshold=float(p["mask_threshold"]),
-                contour_threshold=float(p["contour_threshold"]),
-                min_seed_area=int(p["min_seed_area"]),
-                min_area=int(p["min_area"]),
-            )
-            out.append(TileResult(labels=labels))
-        return out
+        return [TileResult(labels=maps_to_labels(maps, self.config.params)) for maps in np.asarray(raw)]
 
 
 def build_network(preset: str = "cpu", in_channels: int = 1) -> Any:
