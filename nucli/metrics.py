@@ -77,8 +77,8 @@ METRIC_TITLES: dict[str, str] = {
     "dq": "DQ",
     "sq": "SQ",
     "pq": "PQ",
-    "precision": "Prec",
-    "recall": "Rec",
+    "precision": "Precision",
+    "recall": "Recall",
     "f1": "F1",
 }
 

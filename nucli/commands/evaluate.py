@@ -1,12 +1,228 @@
-"""`nucli evaluate` (not built yet)."""
+"""`nucli evaluate`: score predicted nuclei against ground truth."""
 
 from __future__ import annotations
 
-from nucli.commands._common import handle_errors
-from nucli.errors import NotAvailableError
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from nucli.commands._common import handle_errors, stderr, stdout
+from nucli.commands._options import JsonSummary, Method, OptOutput, Overwrite, Quiet, Weights
+from nucli.errors import OutputExistsError, UsageError
+
+PredArg = Annotated[
+    Optional[Path],
+    typer.Argument(
+        help="Predictions: a label image (.tif/.png/.npy), a Zarr label image, a GeoJSON file, "
+        "or a folder of these (matched to GT by file name).",
+        show_default=False,
+    ),
+]
+GtArg = Annotated[
+    Optional[Path],
+    typer.Argument(help="Ground truth, in the same forms as PRED.", show_default=False),
+]
 
 
 @handle_errors
-def run() -> None:
-    """Not built yet in this version."""
-    raise NotAvailableError("`nucli evaluate` is not built yet in this version of nucli")
+def run(
+    pred: PredArg = None,
+    gt: GtArg = None,
+    dataset: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--dataset",
+            help="Run --method over DIR/images/*.png and score against DIR/labels/<id>.tif "
+            "(instead of PRED GT).",
+        ),
+    ] = None,
+    method: Method = None,
+    weights: Weights = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="--dataset: only the first N images.")] = None,
+    modality: Annotated[
+        Optional[str],
+        typer.Option("--modality", help="--dataset: only images of this modality (from index.json)."),
+    ] = None,
+    save_predictions: Annotated[
+        Optional[Path],
+        typer.Option("--save-predictions", help="--dataset: also write each prediction to DIR/<id>.tif."),
+    ] = None,
+    per_image: Annotated[bool, typer.Option("--per-image", help="Show a row per image in the table.")] = False,
+    output: OptOutput = None,
+    csv_path: Annotated[
+        Optional[Path], typer.Option("--csv", help="Write the per-image metrics as CSV to this file.")
+    ] = None,
+    allow_missing: Annotated[
+        bool,
+        typer.Option("--allow-missing", help="Score only images present on both sides instead of failing."),
+    ] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_summary: JsonSummary = False,
+) -> None:
+    """Score predicted nuclei against ground truth: AJI, AJI+, Dice, DQ/SQ/PQ, precision/recall/F1.
+
+    Either [bold]nucli evaluate PRED GT[/] (files or folders) or
+    [bold]nucli evaluate --dataset DIR --method NAME[/]. The aggregate is shown as the mean over
+    images (as in published tables) and pooled over all nuclei. [bold]-o[/] writes the full report as JSON.
+    """
+    from nucli.evaluation import evaluate_dataset, evaluate_paths
+    from nucli.evaluation.labels_io import write_text_atomic
+
+    if dataset is not None and (pred is not None or gt is not None):
+        raise UsageError("give either PRED GT or --dataset DIR, not both")
+    if dataset is None:
+        if pred is None or gt is None:
+            raise UsageError("give PRED and GT (files or folders), or --dataset DIR --method NAME")
+        dataset_only = {
+            "--method": method, "--weights": weights, "--limit": limit,
+            "--modality": modality, "--save-predictions": save_predictions,
+        }
+        used = [name for name, value in dataset_only.items() if value is not None]
+        if used:
+            raise UsageError(f"{', '.join(used)} only apply with --dataset")
+    for path in (output, csv_path):
+        if path is not None and path.exists() and not overwrite:
+            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+    if output is not None and csv_path is not None and output.resolve() == csv_path.resolve():
+        raise UsageError("-o/--output and --csv must be different files")
+
+    show_progress = not (quiet or json_summary)
+    with _Progress(show_progress) as progress:
+        if dataset is not None:
+            report = evaluate_dataset(
+                dataset,
+                method,
+                weights=weights,
+                limit=limit,
+                modality=modality,
+                save_predictions=save_predictions,
+                overwrite=overwrite,
+                allow_missing=allow_missing,
+                on_image=progress.update,
+            )
+        else:
+            report = evaluate_paths(pred, gt, allow_missing=allow_missing, on_image=progress.update)
+
+    data = report.to_dict()
+    if output is not None:
+        import json
+
+        write_text_atomic(json.dumps(data, indent=2, default=str) + "\n", output)
+    if csv_path is not None:
+        write_text_atomic(report.to_csv(), csv_path)
+    if json_summary:
+        import json
+        import sys
+
+        sys.stdout.write(json.dumps(data, default=str) + "\n")
+        return
+    if not quiet:
+        _print_table(report, per_image)
+        if report.skipped:
+            stderr().print(
+                f"[yellow]Skipped {len(report.skipped)} image(s) without a counterpart.[/]", highlight=False
+            )
+
+
+class _Progress:
+    """A rich progress bar (count, rate, ETA) on stderr, or nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]scoring[/]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=stderr(),
+                transient=True,
+            )
+            self._progress.__enter__()
+        return self
+
+    def update(self, done: int, total: int, name: str) -> None:
+        if self._progress is None:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task("scoring", total=total, rate="")
+        self._progress.update(self._task, completed=done)
+        speed = self._progress.tasks[0].speed
+        self._progress.update(self._task, rate=f"{speed:.2f} img/s" if speed else "")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+
+def _print_table(report: Any, per_image: bool) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from nucli.evaluation.report import MEAN_KEY, POOLED_KEY
+    from nucli.metrics import METRIC_TITLES, METRICS
+
+    out = stdout()
+    if per_image:
+        cols = ["aji", "aji_plus", "dice", "dq", "sq", "pq", "f1"]
+        timed = report.timing() is not None
+        table = Table(title="per image", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+        table.add_column("image", overflow="ellipsis", no_wrap=True, max_width=16)
+        table.add_column("GT", justify="right", no_wrap=True)
+        table.add_column("pred", justify="right", no_wrap=True, min_width=4)
+        for name in cols:
+            table.add_column(METRIC_TITLES[name], justify="right", no_wrap=True, min_width=5)
+        if timed:
+            table.add_column("s/MP", justify="right", no_wrap=True, min_width=4)
+        for r in report.rows:
+            d = r.to_dict()
+            cells = [r.name, str(r.counts.n_true), str(r.counts.n_pred)] + [f"{d[m]:.3f}" for m in cols]
+            if timed:
+                spm = d.get("seconds_per_megapixel")
+                cells.append(f"{spm:.2f}" if spm is not None else "")
+            table.add_row(*cells)
+        out.print(table)
+
+    agg = report.aggregate
+    groups = [("mean over images", agg[MEAN_KEY], agg), ("pooled over nuclei", agg[POOLED_KEY], agg)]
+    by_mod = report.by_modality()
+    if len(by_mod) > 1:
+        groups += [(f"mean: {mod}", a[MEAN_KEY], a) for mod, a in by_mod.items()]
+    title = "nucli evaluate"
+    if report.info.get("method"):
+        title += f": method {report.info['method']}"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("metric")
+    for label, _, _ in groups:
+        table.add_column(label, justify="right")
+    for name in METRICS:
+        table.add_row(METRIC_TITLES[name], *[f"{m[name]:.4f}" for _, m, _ in groups])
+    table.add_section()
+    for key, label in (("n_images", "images"), ("n_true", "nuclei GT"), ("n_pred", "nuclei pred")):
+        table.add_row(label, *[str(a[key]) for _, _, a in groups])
+    out.print(table)
+    timing = report.timing()
+    if timing:
+        out.print(
+            f"method run time: {timing['seconds']:.2f} s for {timing['megapixels']:.2f} MP "
+            f"= {timing['seconds_per_megapixel']:.3f} s/MP",
+            highlight=False,
+        )
