@@ -1,0 +1,59 @@
+"""Input convention shared by training and inference.
+
+Every image becomes one grayscale channel in [0, 1] in which nuclei are
+bright: RGB is averaged with luminance weights; brightfield images (bright
+background, dark nuclei) are inverted so that they look like fluorescence;
+then intensities are stretched between the 1st and 99.8th percentile.
+
+Brightfield is recognised by where the median sits: most pixels of a
+brightfield image are background or pale tissue, so its median lies closer to
+the high percentile than to the low one; in fluorescence the median is dark
+background, close to the low percentile.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LOW_PCT = 1.0
+HIGH_PCT = 99.8
+MIN_RANGE = 16.0  # uint8 units: never stretch a nearly flat image into noise
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 -> (H, W) float32 in 0..255."""
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        return img.astype(np.float32)
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
+        return img[..., :3].astype(np.float32) @ _LUMA
+    raise ValueError(f"expected a 2-D gray or (H, W, 3) RGB image, got shape {img.shape}")
+
+
+def is_brightfield(gray: np.ndarray) -> bool:
+    """True when the image has a bright background (nuclei darker than it)."""
+    sample = gray[::2, ::2] if gray.size > 65536 else gray
+    lo, med, hi = np.percentile(sample, [LOW_PCT, 50.0, HIGH_PCT])
+    return bool((med - lo) > (hi - med))
+
+
+def normalize(image: np.ndarray, invert: bool | None = None) -> np.ndarray:
+    """Image -> (H, W) float32 in [0, 1], nuclei bright. ``invert=None`` decides automatically."""
+    gray = to_gray(image)
+    if invert is None:
+        invert = is_brightfield(gray)
+    if invert:
+        gray = 255.0 - gray
+    sample = gray[::2, ::2] if gray.size > 65536 else gray
+    lo, hi = np.percentile(sample, [LOW_PCT, HIGH_PCT])
+    hi = max(hi, lo + MIN_RANGE)
+    out = (gray - lo) / (hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+
+
+def normalize_batch(tiles: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) or (B, H, W) uint8 -> (B, H, W) float32, each tile normalised on its own."""
+    return np.stack([normalize(t) for t in np.asarray(tiles)]) if len(tiles) else np.zeros((0, 1, 1), np.float32)

@@ -1,0 +1,1 @@
+"""Training: data sets, targets, losses and loops shared by all methods."""
