@@ -202,23 +202,31 @@ def _print_table(report: Any, per_image: bool) -> None:
         out.print(table)
 
     agg = report.aggregate
-    groups = [("mean over images", agg[MEAN_KEY], agg), ("pooled over nuclei", agg[POOLED_KEY], agg)]
-    by_mod = report.by_modality()
-    if len(by_mod) > 1:
-        groups += [(f"mean: {mod}", a[MEAN_KEY], a) for mod, a in by_mod.items()]
     title = "nucli evaluate"
     if report.info.get("method"):
         title += f": method {report.info['method']}"
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("metric")
-    for label, _, _ in groups:
-        table.add_column(label, justify="right")
+    table.add_column("metric", no_wrap=True)
+    table.add_column("mean over images", justify="right")
+    table.add_column("pooled over nuclei", justify="right")
     for name in METRICS:
-        table.add_row(METRIC_TITLES[name], *[f"{m[name]:.4f}" for _, m, _ in groups])
+        table.add_row(METRIC_TITLES[name], f"{agg[MEAN_KEY][name]:.4f}", f"{agg[POOLED_KEY][name]:.4f}")
     table.add_section()
     for key, label in (("n_images", "images"), ("n_true", "nuclei GT"), ("n_pred", "nuclei pred")):
-        table.add_row(label, *[str(a[key]) for _, _, a in groups])
+        table.add_row(label, str(agg[key]), str(agg[key]))
     out.print(table)
+
+    by_mod = report.by_modality()
+    if len(by_mod) > 1:
+        cols = ["aji", "aji_plus", "dice", "dq", "sq", "pq", "f1"]
+        table = Table(title="mean over images, by modality", title_justify="left", box=box.SIMPLE_HEAD)
+        table.add_column("modality", no_wrap=True)
+        table.add_column("images", justify="right", no_wrap=True)
+        for name in cols:
+            table.add_column(METRIC_TITLES[name], justify="right", no_wrap=True)
+        for mod, a in by_mod.items():
+            table.add_row(mod, str(a["n_images"]), *[f"{a[MEAN_KEY][m]:.3f}" for m in cols])
+        out.print(table)
     timing = report.timing()
     if timing:
         out.print(
