@@ -219,6 +219,10 @@ class RunStore:
             return np.zeros(self.n_tiles, dtype=bool)
         return np.asarray(self._g[f"done/{stage}"][:]).astype(bool)
 
+    def init_done(self, stage: str) -> None:
+        """Create the all-zero done record of ``stage`` now (before parallel writers start)."""
+        self._done_array(stage)
+
     def mark_done(self, stage: str, i: int) -> None:
         self._done_array(stage)[i] = 1
 
