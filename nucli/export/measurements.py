@@ -1,0 +1,271 @@
+"""Per-nucleus measurements and the measurements table (CSV, or Parquet with pyarrow).
+
+Every value is computed from the owning tile's pixels at the working resolution
+and scaled: lengths by the downsample (level-0 px) and by µm per working px
+(µm), areas by their squares. When the slide's pixel size is unknown the µm
+columns are left out (CSV) / not written (GeoJSON).
+
+Columns (CSV name -> GeoJSON ``measurements`` name):
+
+=========================  ===========================  ===============================================
+``id``                     Feature ``id``               UUID, same as in the GeoJSON
+``label``                  --                           value of this nucleus in the label image
+``centroid_x_px`` / ``_y`` ``Centroid X px`` / ``Y``    level-0 px, origin at the slide's top-left
+``centroid_x_um`` / ``_y`` ``Centroid X µm`` / ``Y``    µm from the slide's top-left
+``area_px2``, ``area_um2`` ``Area px^2``, ``Area µm^2`` pixel count (level-0 px² / µm²)
+``perimeter_*``            ``Perimeter px`` / ``µm``    length of the exported polygon
+``equivalent_diameter_*``  ``Equivalent diameter ...``  diameter of the circle of equal area
+``major_axis_*``,          ``Major axis ...``,          axes of the ellipse with the same second
+``minor_axis_*``           ``Minor axis ...``           moments
+``eccentricity``           ``Eccentricity``             of that ellipse (0 = circle)
+``solidity``               ``Solidity``                 area / convex-hull area
+``circularity``            ``Circularity``              4π·area / perimeter² of the polygon (1 = circle)
+``orientation_deg``        ``Orientation °``            major axis angle from +x towards +y (image
+                                                        down), in (-90, 90]
+``hematoxylin_mean``/_std  ``Hematoxylin OD mean``/std  brightfield: colour deconvolution, OD units
+``intensity_mean``/_std    ``Intensity mean``/std       fluorescence: brightest channel, 0-255
+``score``                  ``Score``                    the method's per-nucleus score (if it gives one)
+=========================  ===========================  ===============================================
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nucli.stitching import Sink
+from nucli.export._atomic import AtomicFile
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # CSV column
+    qupath: str | None  # GeoJSON measurement name (None: CSV only)
+    needs_mpp: bool = False
+
+
+def columns(*, has_mpp: bool, brightfield: bool, has_scores: bool) -> list[Column]:
+    """The measurement columns for one slide, in table order."""
+    ch = ("hematoxylin", "Hematoxylin OD") if brightfield else ("intensity", "Intensity")
+    cols = [
+        Column("id", None),
+        Column("label", None),
+        Column("centroid_x_px", "Centroid X px"),
+        Column("centroid_y_px", "Centroid Y px"),
+        Column("centroid_x_um", "Centroid X µm", True),
+        Column("centroid_y_um", "Centroid Y µm", True),
+        Column("area_px2", "Area px^2"),
+        Column("area_um2", "Area µm^2", True),
+        Column("perimeter_px", "Perimeter px"),
+        Column("perimeter_um", "Perimeter µm", True),
+        Column("equivalent_diameter_px", "Equivalent diameter px"),
+        Column("equivalent_diameter_um", "Equivalent diameter µm", True),
+        Column("major_axis_px", "Major axis px"),
+        Column("major_axis_um", "Major axis µm", True),
+        Column("minor_axis_px", "Minor axis px"),
+        Column("minor_axis_um", "Minor axis µm", True),
+        Column("eccentricity", "Eccentricity"),
+        Column("solidity", "Solidity"),
+        Column("circularity", "Circularity"),
+        Column("orientation_deg", "Orientation °"),
+        Column(f"{ch[0]}_mean", f"{ch[1]} mean"),
+        Column(f"{ch[0]}_std", f"{ch[1]} std"),
+    ]
+    if has_scores:
+        cols.append(Column("score", "Score"))
+    return [c for c in cols if has_mpp or not c.needs_mpp]
+
+
+def measure(
+    mask: np.ndarray,
+    channel: np.ndarray,
+    *,
+    x0: int,
+    y0: int,
+    perimeter_w: float,
+    polygon_area_w: float,
+    downsample: float,
+    um_per_px: float | None,
+    brightfield: bool,
+) -> dict[str, float]:
+    """Measurements of one nucleus.
+
+    ``mask``: bool (h, w) crop at working resolution whose top-left pixel is at
+    working ``(x0, y0)``; ``channel``: the nucleus channel over the same crop;
+    ``perimeter_w`` / ``polygon_area_w``: of the exported polygon, working px.
+    """
+    from skimage.measure import moments_central
+
+    mask = np.asarray(mask, bool)
+    rr, cc = np.nonzero(mask)
+    n = float(len(rr))
+    d = float(downsample)
+    cy_w = float(rr.mean()) + 0.5 + y0
+    cx_w = float(cc.mean()) + 0.5 + x0
+
+    mu = moments_central(mask.astype(np.float64), order=2)
+    # skimage: mu[i, j] = sum (row - r̄)^i (col - c̄)^j
+    mxx = mu[0, 2] / n + 1.0 / 12.0  # + the variance of a uniform unit pixel
+    myy = mu[2, 0] / n + 1.0 / 12.0
+    mxy = mu[1, 1] / n
+    common = math.sqrt(max(((mxx - myy) / 2.0) ** 2 + mxy * mxy, 0.0))
+    l1 = (mxx + myy) / 2.0 + common
+    l2 = max((mxx + myy) / 2.0 - common, 0.0)
+    major = 4.0 * math.sqrt(l1)
+    minor = 4.0 * math.sqrt(l2)
+    ecc = math.sqrt(1.0 - l2 / l1) if l1 > 0 else 0.0
+    orient = 0.5 * math.degrees(math.atan2(2.0 * mxy, mxx - myy))
+    if orient <= -90.0:
+        orient += 180.0
+
+    solidity = _solidity(mask, n)
+    circ = 4.0 * math.pi * polygon_area_w / (perimeter_w * perimeter_w) if perimeter_w > 0 else 0.0
+    vals = channel[mask].astype(np.float64)
+
+    out: dict[str, float] = {
+        "centroid_x_px": cx_w * d,
+        "centroid_y_px": cy_w * d,
+        "area_px2": n * d * d,
+        "perimeter_px": perimeter_w * d,
+        "equivalent_diameter_px": math.sqrt(4.0 * n / math.pi) * d,
+        "major_axis_px": major * d,
+        "minor_axis_px": minor * d,
+        "eccentricity": ecc,
+        "solidity": solidity,
+        "circularity": circ,
+        "orientation_deg": orient,
+        "channel_mean": float(vals.mean()),
+        "channel_std": float(vals.std()),
+    }
+    if um_per_px:
+        u = float(um_per_px)  # µm per working px
+        out.update(
+            centroid_x_um=cx_w * u,
+            centroid_y_um=cy_w * u,
+            area_um2=n * u * u,
+            perimeter_um=perimeter_w * u,
+            equivalent_diameter_um=math.sqrt(4.0 * n / math.pi) * u,
+            major_axis_um=major * u,
+            minor_axis_um=minor * u,
+        )
+    return out
+
+
+def _solidity(mask: np.ndarray, n: float) -> float:
+    from skimage.morphology import convex_hull_image
+
+    if n < 3:
+        return 1.0
+    try:
+        hull = convex_hull_image(mask)
+    except Exception:  # noqa: BLE001 - degenerate (collinear) pixels: a line is its own hull
+        return 1.0
+    return float(n / max(float(hull.sum()), n))
+
+
+def row_values(nucleus: Any, cols: list[Column], brightfield: bool) -> dict[str, Any]:
+    """A nucleus' values keyed by column key (channel columns renamed for the modality)."""
+    m = dict(nucleus.measurements)
+    ch = "hematoxylin" if brightfield else "intensity"
+    m[f"{ch}_mean"] = m.pop("channel_mean", float("nan"))
+    m[f"{ch}_std"] = m.pop("channel_std", float("nan"))
+    m["id"] = nucleus.uid
+    m["label"] = nucleus.label
+    m["score"] = nucleus.score if nucleus.score is not None else float("nan")
+    return {c.key: m.get(c.key, float("nan")) for c in cols}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return "" if math.isnan(v) else repr(round(v, 4))
+    return str(value)
+
+
+class MeasurementsSink(Sink):
+    """Streams one table row per nucleus to CSV or Parquet (atomic: temp file, then rename)."""
+
+    def __init__(self, path: Path, fmt: str = "csv"):
+        self.path = Path(path)
+        self.fmt = fmt
+        self._file: AtomicFile | None = None
+        self._writer: Any = None
+        self._rows: list[dict[str, Any]] = []
+        self.count = 0
+
+    def open(self, frame: Any) -> None:
+        self.brightfield = frame.brightfield
+        self.cols = columns(has_mpp=frame.um_per_px is not None, brightfield=frame.brightfield,
+                            has_scores=frame.has_scores)
+        if self.fmt == "parquet":
+            _require_pyarrow()
+            self._file = AtomicFile(self.path, binary=True)
+            self._pq_writer = None
+        else:
+            self._file = AtomicFile(self.path, binary=False, newline="")
+            self._writer = csv.writer(self._file.handle, lineterminator="\n")
+            self._writer.writerow([c.key for c in self.cols])
+
+    def add(self, nucleus: Any) -> None:
+        row = row_values(nucleus, self.cols, self.brightfield)
+        self.count += 1
+        if self.fmt == "parquet":
+            self._rows.append(row)
+            if len(self._rows) >= 50_000:
+                self._flush_parquet()
+        else:
+            self._writer.writerow([_fmt(row[c.key]) for c in self.cols])
+
+    def _flush_parquet(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._rows and self._pq_writer is not None:
+            return
+        data = {c.key: [r[c.key] for r in self._rows] for c in self.cols}
+        types = {c.key: (pa.string() if c.key == "id" else pa.int64() if c.key == "label" else pa.float64())
+                 for c in self.cols}
+        table = pa.table({k: pa.array(v, type=types[k]) for k, v in data.items()})
+        if self._pq_writer is None:
+            self._pq_writer = pq.ParquetWriter(self._file.handle, table.schema)
+        self._pq_writer.write_table(table)
+        self._rows = []
+
+    def close(self) -> None:
+        if self.fmt == "parquet":
+            self._flush_parquet()
+            if self._pq_writer is not None:
+                self._pq_writer.close()
+        if self._file is not None:
+            self._file.commit()
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.discard()
+
+
+def _require_pyarrow() -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        from nucli.errors import UsageError
+
+        raise UsageError("Parquet output needs pyarrow (`pip install pyarrow`); or write .csv") from None
+
+
+def parquet_available() -> bool:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = ["Column", "columns", "measure", "MeasurementsSink", "parquet_available"]

@@ -1,0 +1,233 @@
+"""Run a segmentation method over the tiles of a run store (serial runner).
+
+For every tile not yet done: read a batch of tiles, cut each to the part that
+lies inside the image (padding is never shown to a method), ``method.segment``,
+write the per-tile labels (array ``labels``, int32 (N, T, T)) and per-nucleus
+scores if the method gives any (array ``scores``, float32 (N, K): score of
+label ``k`` at ``[i, k]``, NaN where none), then mark ``done/segment`` for the
+tile. A tile is done only after its data is written, so a run killed at any
+moment resumes where it stopped. The method's settings are recorded with
+``store.set_stage_meta('segment', method.describe())``: a rerun with another
+method or other settings is refused unless ``overwrite``.
+
+The whole loop is :func:`segment_store`; a parallel runner replaces exactly
+this function and keeps the per-tile contract (:func:`write_tile_result`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from nucli.errors import ProcessingError
+from nucli.models.base import Method, TileResult
+from nucli.tiling.store import RunStore
+
+log = logging.getLogger(__name__)
+
+STAGE = "segment"
+LABELS = "labels"
+SCORES = "scores"
+
+
+@dataclass
+class SegmentStats:
+    tiles_total: int
+    tiles_done_before: int
+    tiles_segmented: int
+    seconds: float
+
+
+def max_scores(tile_size: int) -> int:
+    """Width K of the ``scores`` array: room for one score per possible nucleus."""
+    return max(4096, tile_size * tile_size // 64)
+
+
+def tile_extents(store: RunStore) -> np.ndarray:
+    """(N, 2) of each stored tile's in-image (w, h) in working px."""
+    grid = store.grid
+    idx = store.indices()
+    out = np.zeros((len(idx), 2), np.int64)
+    for i, (r, c) in enumerate(idx):
+        out[i] = grid.extent(int(r), int(c))
+    return out
+
+
+def pending_tiles(store: RunStore, stage: str = STAGE) -> np.ndarray:
+    """Indices of tiles that have not finished ``stage``."""
+    return np.flatnonzero(~store.done(stage))
+
+
+def prepare(store: RunStore, method: Method, overwrite: bool = False) -> None:
+    """Record the method's settings (refusing a mix) and create the labels array."""
+    store.set_stage_meta(STAGE, method.describe(), overwrite=overwrite)
+    t = store.tile_size
+    store.ensure_array(LABELS, (t, t), "int32", fill_value=0)
+
+
+def write_tile_result(store: RunStore, i: int, result: TileResult, extent: tuple[int, int]) -> None:
+    """Validate one tile's result, write labels (and scores), then mark the tile done."""
+    t = store.tile_size
+    w, h = int(extent[0]), int(extent[1])
+    labels = np.asarray(result.labels)
+    if labels.shape != (h, w):
+        raise ProcessingError(
+            f"method returned labels of shape {labels.shape} for a tile of {h}x{w} px; "
+            "the method is broken (report it)"
+        )
+    if labels.size and labels.min() < 0:
+        raise ProcessingError("method returned negative labels; the method is broken (report it)")
+    from nucli.postprocess import relabel_sequential
+
+    if labels.size and labels.max() > 0:
+        seq = relabel_sequential(labels)
+    else:
+        seq = np.zeros((h, w), np.int32)
+    full = np.zeros((t, t), np.int32)
+    full[:h, :w] = seq
+    store.write(LABELS, i, full)
+    if result.scores:
+        k = max_scores(t)
+        n = int(seq.max())
+        if n >= k:
+            raise ProcessingError(f"tile {i}: {n} nuclei in one tile exceeds {k - 1}; use a smaller --tile-size")
+        arr = store.ensure_array(SCORES, (k,), "float32", fill_value=float("nan"))
+        row = np.full(k, np.nan, np.float32)
+        # map the method's label ids to the sequential ids written above
+        orig = labels.ravel()
+        new = seq.ravel()
+        nz = orig > 0
+        pairs = np.unique(np.stack([orig[nz], new[nz]]), axis=1) if nz.any() else np.zeros((2, 0), int)
+        for old_id, new_id in pairs.T:
+            score = result.scores.get(int(old_id))
+            if score is not None:
+                row[int(new_id)] = float(score)
+        arr[i] = row
+    store.mark_done(STAGE, i)
+
+
+@contextmanager
+def track(total: int, description: str, enabled: bool = True, unit: str = "tiles") -> Iterator[Callable[[int], None]]:
+    """A rich progress bar (count, rate, ETA) on stderr; yields ``advance(n)``. No-op when disabled."""
+    if not enabled or total <= 0:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:.1f} {unit}/s")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _batches(items: np.ndarray, size: int) -> Iterable[np.ndarray]:
+    for k in range(0, len(items), size):
+        yield items[k : k + size]
+
+
+def segment_store(
+    store: RunStore,
+    method: Method,
+    *,
+    batch_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> SegmentStats:
+    """Segment every tile of ``store`` that is not done yet (serial runner)."""
+    start = time.perf_counter()
+    prepare(store, method, overwrite=overwrite)
+    todo = pending_tiles(store)
+    total = store.n_tiles
+    done_before = total - len(todo)
+    extents = tile_extents(store)
+    bs = int(batch_size or method.config.batch_size or 1)
+    log.info("segment: %d of %d tiles to do (batch %d)", len(todo), total, bs)
+
+    with track(total=len(todo), description=f"Segmenting ({method.name})", enabled=progress) as advance:
+        for batch in _batches(todo, bs):
+            # group tiles of equal in-image extent: a method sees no padding
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i in batch:
+                groups.setdefault(tuple(int(v) for v in extents[i]), []).append(int(i))
+            for (w, h), members in groups.items():
+                pixels = np.stack([store.read_tile(i)[:h, :w] for i in members])
+                results = method.segment(pixels)
+                if len(results) != len(members):
+                    raise ProcessingError(
+                        f"method '{method.name}' returned {len(results)} results for {len(members)} tiles"
+                    )
+                for i, result in zip(members, results):
+                    write_tile_result(store, i, result, (w, h))
+                    advance(1)
+            if on_batch is not None:
+                on_batch(len(batch))
+    return SegmentStats(total, done_before, len(todo), time.perf_counter() - start)
+
+
+def store_from_array(
+    path,
+    image: np.ndarray,
+    *,
+    tile_size: int = 512,
+    overlap: int = 64,
+    downsample: float = 1.0,
+    source_mpp: float | None = None,
+    level0_size: tuple[int, int] | None = None,
+    fingerprint: str = "array",
+    overwrite: bool = False,
+) -> RunStore:
+    """A run store holding every tile of an in-memory working-resolution RGB image.
+
+    For images that already sit in memory (small images, tests); slides go
+    through ``nucli.tiling.tiler.tile_slide``. Tiles are padded with white.
+    """
+    from nucli.postprocess import as_rgb
+    from nucli.tiling.grid import TileGrid
+
+    image = as_rgb(np.asarray(image))
+    if image.dtype != np.uint8:
+        raise ProcessingError(f"expected a uint8 image, got {image.dtype}")
+    h, w = image.shape[:2]
+    grid = TileGrid(w, h, tile_size, overlap)
+    tiles = grid.all_tiles()
+    l0 = level0_size or (round(w * downsample), round(h * downsample))
+    meta = {
+        "source": {"path": None, "fingerprint": fingerprint, "vendor": "array", "backend": "numpy"},
+        "level0_size": [int(l0[0]), int(l0[1])],
+        "source_mpp": source_mpp,
+        "working_mpp": source_mpp * downsample if source_mpp else None,
+        "downsample": float(downsample),
+        "working_size": [w, h],
+        "tile_size": tile_size,
+        "overlap": overlap,
+        "grid": {"xs": grid.xs, "ys": grid.ys},
+    }
+    store = RunStore.create(path, meta, n_tiles=len(tiles), tile_size=tile_size, overwrite=overwrite)
+    index = np.zeros((len(tiles), 2), np.int32)
+    origin = np.zeros((len(tiles), 2), np.int64)
+    for i, (r, c) in enumerate(tiles):
+        x, y = grid.origin(r, c)
+        ew, eh = grid.extent(r, c)
+        tile = np.full((tile_size, tile_size, 3), 255, np.uint8)
+        tile[:eh, :ew] = image[y : y + eh, x : x + ew]
+        store.write("tiles", i, tile)
+        index[i] = (r, c)
+        origin[i] = (x, y)
+    store.array("index")[:] = index
+    store.array("origin")[:] = origin
+    store.array("origin_level0")[:] = origin.astype(np.float64) * downsample
+    return store
