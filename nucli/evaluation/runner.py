@@ -108,9 +108,9 @@ def pair_inputs(pred: Path, gt: Path, allow_missing: bool = False) -> tuple[list
     if not common:
         raise InputError(f"no image names in common between {pred} and {gt} (files are matched by name)")
     for name in no_gt:
-        log.warning("skipped %s: no ground truth", name)
+        log.info("skipped %s: no ground truth", name)
     for name in no_pred:
-        log.warning("skipped %s: no prediction", name)
+        log.info("skipped %s: no prediction", name)
     return [Pair(n, preds[n], gts[n]) for n in common], sorted(no_gt + no_pred)
 
 
@@ -231,7 +231,7 @@ def dataset_items(
     if limit is not None:
         ids = ids[:limit]
     for name in missing:
-        log.warning("skipped %s: no labels", name)
+        log.info("skipped %s: no labels", name)
     return [DatasetItem(i, images[i], labels[i], index.get(i)) for i in ids], missing
 
 
