@@ -275,3 +275,26 @@ def test_tiny_training_run_fits_one_image():
         opt.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.5 * first
+
+
+def test_tuned_thresholds_travel_with_the_weights(tmp_path):
+    from nucli.models.registry import build_method
+    from nucli.training.data import Sample
+    from nucli.training.harunet_train import export_weights, tune_postprocess
+
+    torch.manual_seed(0)
+    labels = _two_touching_discs((64, 96))
+    x = (labels > 0).astype(np.float16)
+    val = [Sample("a", x, x, (labels > 0).astype(np.uint8), labels)]
+    net = build_network("cpu")
+    grid = {"mask_threshold": (0.3, 0.5), "contour_threshold": (0.5,), "min_area": (7,)}
+    params, metrics = tune_postprocess(net, val, grid)
+    assert params["mask_threshold"] in (0.3, 0.5) and params["min_area"] == 7
+    assert 0.0 <= metrics["aji"] <= 1.0
+    path = export_weights(net, tmp_path / "w.safetensors", "cpu", params=params)
+    method = build_method(NAME, weights=path)
+    assert method.config.params["min_area"] == 7
+    assert method.config.params["mask_threshold"] == params["mask_threshold"]
+    # an explicit setting still wins over the stored one
+    method = build_method(NAME, weights=path, params={**method.config.params, "min_area": 3})
+    assert method.config.params["min_area"] == 3

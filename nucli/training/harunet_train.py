@@ -64,13 +64,47 @@ def validation_fn(val_samples: list[Any], params: dict[str, Any]) -> Callable[[A
     return val
 
 
-def export_weights(model: Any, path: Path, preset: str, extra: dict[str, str] | None = None) -> Path:
-    """Write ``model`` as a nucli weights file for method ``harunet`` with its preset in the config."""
+TUNE_GRID: dict[str, tuple[float, ...]] = {
+    "mask_threshold": (0.4, 0.5, 0.6),
+    "contour_threshold": (0.3, 0.4, 0.5, 0.6),
+    "min_area": (5, 10, 20),
+}
+
+
+def tune_postprocess(model: Any, val_samples: list[Any], grid: dict[str, tuple[float, ...]] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, float]]:
+    """Pick post-processing thresholds on validation images (network run once per image).
+
+    Returns (best params, their mean metrics); the score is ``(AJI + PQ) / 2``.
+    """
+    import itertools
+
+    from nucli.metrics import mean_metrics, score_image
+    from nucli.models.harunet import DEFAULT_PARAMS, maps_to_labels, predict_maps
+
+    grid = grid or TUNE_GRID
+    model.eval()
+    maps = [predict_maps(model, s.x.astype(np.float32)[None])[0] for s in val_samples]
+    best: tuple[float, dict[str, Any], dict[str, float]] | None = None
+    keys = sorted(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        params = {**DEFAULT_PARAMS, **dict(zip(keys, values))}
+        m = mean_metrics([score_image(s.labels, maps_to_labels(mp, params)) for s, mp in zip(val_samples, maps)])
+        score = (m["aji"] + m["pq"]) / 2.0
+        if best is None or score > best[0]:
+            best = (score, params, m)
+    assert best is not None
+    return best[1], best[2]
+
+
+def export_weights(model: Any, path: Path, preset: str, extra: dict[str, str] | None = None,
+                   params: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a nucli weights file for method ``harunet`` (preset and thresholds in its config)."""
     from nucli.models.harunet import DEFAULT_CONFIG
     from nucli.models.weights_io import save_weights
 
     cfg = DEFAULT_CONFIG.to_dict()
-    cfg["params"] = {**cfg["params"], "preset": preset}
+    cfg["params"] = {**cfg["params"], **(params or {}), "preset": preset}
     return save_weights(Path(path), model.state_dict(), NAME, cfg, extra=extra)
 
 
@@ -93,6 +127,7 @@ def train_harunet(
     threads: int | None = None,
     weights_out: Path | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    tune: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) HARU-Net; export the val-selected model to ``weights_out``.
 
@@ -119,7 +154,7 @@ def train_harunet(
     thickness = int(DEFAULT_PARAMS["contour_thickness"])
     t0 = time.time()
     train = harunet_samples(load_dataset(train_dir, cache_dir=cache, limit=limit), thickness)
-    val_fn = None
+    val_fn, val = None, []
     if val_dir is not None:
         val = val_crops(load_dataset(val_dir, cache_dir=cache), val_size, limit=val_limit)
         val_fn = validation_fn(val, DEFAULT_PARAMS)
@@ -140,8 +175,14 @@ def train_harunet(
                      decay_start=0.5, higher_is_better=True)
     summary = train_supervised(net, next_batch, loss_fn, val_fn, cfg, out_dir, NAME, resume=resume,
                                sampler=sampler, progress=progress)
+    params = None
+    if tune and val:
+        params, metrics = tune_postprocess(net, val)
+        summary["postprocess"] = {k: params[k] for k in TUNE_GRID}
+        summary["val_tuned"] = {k: round(metrics[k], 4) for k in ("aji", "pq", "dice")}
+        log.info("post-processing tuned on val: %s -> %s", summary["postprocess"], summary["val_tuned"])
     if weights_out is not None:
-        export_weights(net, Path(weights_out), preset, extra={
+        export_weights(net, Path(weights_out), preset, params=params, extra={
             "nucli.train.steps": str(summary["steps"]),
             "nucli.train.best_step": str(summary["best_step"]),
             "nucli.train.crop": str(crop), "nucli.train.batch": str(batch),
