@@ -443,3 +443,38 @@ def test_dsb2018_dataset_mode_with_watershed(dsb2018, tmp_path):
     rescored = run_json("evaluate", saved, split / "labels", "--allow-missing")
     assert rescored["aggregate"]["n_images"] == 3
     assert rescored["aggregate"]["mean_over_images"] == pytest.approx(data["aggregate"]["mean_over_images"])
+
+
+def test_folder_of_gzipped_geojson(tmp_path):
+    import gzip
+
+    gdir, pdir = tmp_path / "gt", tmp_path / "pred"
+    gdir.mkdir()
+    pdir.mkdir()
+    gt = np.zeros((20, 20), np.uint16)
+    gt[2:8, 3:9] = 1
+    tifffile.imwrite(gdir / "slide1.tif", gt)
+    fc = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_square(3, 2, 9, 8)]}}]}
+    with gzip.open(pdir / "slide1.geojson.gz", "wt") as fh:
+        json.dump(fc, fh)
+    data = run_json("evaluate", pdir, gdir)
+    assert [r["image"] for r in data["images"]] == ["slide1"] and data["images"][0]["aji"] == 1.0
+
+
+def test_dsb2018_outlines_from_stitching_rasterise_back_exactly(dsb2018, tmp_path):
+    """GeoJSON outlines as the exporter traces them score 1.0 against the labels they came from."""
+    stitching = pytest.importorskip("nucli.stitching")
+    labels_path = sorted((dsb2018 / "test" / "labels").glob("*.tif"))[1]
+    labels = tifffile.imread(labels_path)
+    features = []
+    for k in np.unique(labels)[1:]:
+        ys, xs = np.nonzero(labels == k)
+        mask = (labels == k)[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        poly = stitching.polygon_of(mask, xs.min(), ys.min())
+        coords = [[float(x), float(y)] for x, y in poly.exterior.coords]
+        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [coords]}})
+    (tmp_path / "nuclei.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    data = run_json("evaluate", tmp_path / "nuclei.geojson", labels_path)
+    assert data["images"][0]["n_pred"] == data["images"][0]["n_true"] == len(np.unique(labels)) - 1
+    assert all(data["images"][0][m] == 1.0 for m in METRICS)

@@ -1,6 +1,6 @@
 """GeoJSON nuclei -> a label image on a given pixel grid.
 
-Accepted: a FeatureCollection, a bare JSON array of Features, a single Feature
+Accepted (``.geojson``/``.json``, optionally gzipped as ``.gz``): a FeatureCollection, a bare JSON array of Features, a single Feature
 or a bare Polygon/MultiPolygon geometry. Each feature becomes one object
 (ids 1..n in file order; where features overlap the later one wins). Polygon
 holes are cut out; the parts of a MultiPolygon form one object. A feature with a
@@ -29,12 +29,22 @@ PolygonRings = list[Ring]  # exterior first, then holes
 def load_features(path: Path) -> list[list[PolygonRings]]:
     """Parse a GeoJSON file into one list of polygons per feature (validated)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        if str(path).lower().endswith(".gz"):
+            import gzip
+
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                data = json.load(fh)
+        else:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, EOFError):
         raise InputError(f"{path}: not a UTF-8 text file; expected GeoJSON") from None
+    except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise InputError(f"{path}: cannot read ({exc})") from None
     return parse_features(data, path)
 
 

@@ -25,8 +25,16 @@ from nucli.errors import InputError
 log = logging.getLogger("nucli.evaluation")
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
-GEOJSON_SUFFIXES = (".geojson", ".json")
+GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")
 ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+
+
+def stem_of(path: Path) -> str:
+    """File name without its format suffix (``a.geojson.gz`` -> ``a``)."""
+    name = path.name
+    if name.lower().endswith((".geojson.gz", ".json.gz")):
+        return name[: -len(".gz")].rsplit(".", 1)[0]
+    return path.stem
 
 
 def is_zarr(path: Path) -> bool:
@@ -47,11 +55,11 @@ def kind_of(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in RASTER_SUFFIXES:
         return "raster"
-    if suffix in GEOJSON_SUFFIXES:
+    if path.name.lower().endswith(GEOJSON_SUFFIXES):
         return "geojson"
     raise InputError(
         f"{path}: unsupported file type '{suffix}'; use a label image (.tif, .png, .npy), "
-        "a Zarr label image, or GeoJSON (.geojson/.json)"
+        "a Zarr label image, or GeoJSON (.geojson/.json, optionally .gz)"
     )
 
 

@@ -21,6 +21,7 @@ from nucli.evaluation.labels_io import (
     read_raster,
     read_rgb,
     read_zarr,
+    stem_of,
     to_grid,
     write_labels_tif,
 )
@@ -32,7 +33,7 @@ log = logging.getLogger("nucli.evaluation")
 #: ``on_image(done, total, name)`` after each scored image (progress display).
 OnImage = Callable[[int, int, str], None]
 
-DIR_SUFFIXES = RASTER_SUFFIXES + (".geojson",)
+DIR_SUFFIXES = RASTER_SUFFIXES + (".geojson", ".geojson.gz")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 LIST_SHOWN = 5
 
@@ -62,10 +63,10 @@ def index_dir(folder: Path, suffixes: tuple[str, ...] = DIR_SUFFIXES) -> dict[st
         if p.is_dir():
             if not is_zarr(p):
                 continue
-        elif p.suffix.lower() not in suffixes:
+        elif not p.name.lower().endswith(suffixes):
             log.debug("ignoring %s (not a label file)", p)
             continue
-        stem = p.stem
+        stem = stem_of(p)
         if stem in found:
             raise InputError(f"{folder}: two inputs for image '{stem}' ({found[stem].name}, {p.name}); keep one")
         found[stem] = p
@@ -85,7 +86,7 @@ def pair_inputs(pred: Path, gt: Path, allow_missing: bool = False) -> tuple[list
             f"PRED ({pred}) and GT ({gt}) must both be folders or both be single files/stores"
         )
     if kp != "dir":
-        return [Pair(pred.stem, pred, gt)], []
+        return [Pair(stem_of(pred), pred, gt)], []
     preds, gts = index_dir(pred), index_dir(gt)
     if not preds:
         raise InputError(f"{pred}: no predictions found (.tif, .png, .npy, .geojson or Zarr)")
