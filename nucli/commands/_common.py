@@ -53,14 +53,14 @@ def handle_errors(func: F) -> F:
         except NucliError as exc:
             if _debug_enabled():
                 raise
-            stderr().print(f"[bold red]Error:[/] {_one_line(exc)}", highlight=False)
+            stderr().print(f"[bold red]Error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if _debug_enabled():
                 raise
             stderr().print(
                 "[yellow]Interrupted.[/] Finished work is saved; rerun the same command to resume.",
-                highlight=False,
+                highlight=False, soft_wrap=True,
             )
             raise typer.Exit(130) from None
         except OSError as exc:
@@ -68,7 +68,7 @@ def handle_errors(func: F) -> F:
                 raise
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             msg = exc.strerror or str(exc)
-            stderr().print(f"[bold red]Error:[/] {msg}{where}", highlight=False)
+            stderr().print(f"[bold red]Error:[/] {msg}{where}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except Exception as exc:  # noqa: BLE001 - last line of defence, never a traceback
             if _debug_enabled():
@@ -76,7 +76,7 @@ def handle_errors(func: F) -> F:
             stderr().print(
                 f"[bold red]Internal error:[/] {type(exc).__name__}: {_one_line(exc)} "
                 "(rerun with `nucli --debug ...` for the traceback)",
-                highlight=False,
+                highlight=False, soft_wrap=True,
             )
             raise typer.Exit(3) from None
 

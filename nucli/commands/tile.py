@@ -1,12 +1,43 @@
-"""`nucli tile` (not built yet)."""
+"""`nucli tile SLIDE -o RUN.zarr`: cut a slide into tiles at the working pixel size."""
 
 from __future__ import annotations
 
-from nucli.commands._common import handle_errors
-from nucli.errors import NotAvailableError
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nucli.commands._common import handle_errors, print_summary
+from nucli.commands._options import (JsonSummary, Method, Mpp, MppTarget, Output, Overlap, Overwrite, Quiet,
+                                     TissueMask)
+
+TileSizeOpt = Annotated[
+    Optional[int],
+    typer.Option("--tile-size", min=16, help="Tile edge in working pixels (default: the method's, 512)."),
+]
 
 
 @handle_errors
-def run() -> None:
-    """Not built yet in this version."""
-    raise NotAvailableError("`nucli tile` is not built yet in this version of nucli")
+def run(
+    slide: Annotated[Path, typer.Argument(help="Whole-slide file (SVS, NDPI, MRXS, TIFF, ...) or image (PNG/JPEG/TIFF).",
+                                          show_default=False)],
+    output: Output,
+    mpp: Mpp = None,
+    mpp_target: MppTarget = None,
+    method: Method = None,
+    tile_size: TileSizeOpt = None,
+    overlap: Overlap = None,
+    tissue_mask: TissueMask = True,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_summary: JsonSummary = False,
+) -> None:
+    """Cut SLIDE into overlapping tiles at the working pixel size, keeping only tiles that touch
+    tissue, into the run store RUN.zarr. Rerun the same command to resume an interrupted run."""
+    from nucli.tiling.tiler import run_tiling
+
+    report = run_tiling(
+        slide, output, mpp=mpp, mpp_target=mpp_target, method=method, tile_size=tile_size, overlap=overlap,
+        tissue_mask=tissue_mask, overwrite=overwrite, progress=not (quiet or json_summary),
+    )
+    print_summary(report.summary(), as_json=json_summary, quiet=quiet, title="nucli tile")

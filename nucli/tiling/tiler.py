@@ -1,0 +1,454 @@
+"""Tile a slide into a resumable run store (the library side of ``nucli tile``).
+
+Order of work, so that a bad input leaves nothing behind:
+
+1. open the slide (input errors), settle the pixel size, the grid and the
+   settings that define the store;
+2. look at the output: a compatible store is resumed (a complete one is left
+   untouched), anything else is refused unless ``overwrite``;
+3. find the tiles touching tissue (an empty mask is :class:`NoTissueError`);
+4. create the store in a hidden temporary directory beside the output with all
+   metadata, tile indices and origins, then rename it into place (atomic: a
+   store is either absent or fully planned);
+5. read and write the tiles, each tile's ``done/tile`` flag written after its
+   pixels, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from nucli.errors import InputError, OutputExistsError, StoreError, UsageError
+from nucli.tiling.grid import TileGrid
+from nucli.tiling.store import ATTR_KEY, FORMAT_VERSION, RunStore
+
+log = logging.getLogger("nucli.tile")
+
+STAGE = "tile"
+# Settings that define a store's tiles: a rerun with other values is refused.
+_KEY_SETTINGS = ("fingerprint", "source_mpp", "working_mpp", "downsample", "working_size",
+                 "tile_size", "overlap", "tissue_mask")
+
+
+@dataclass
+class TileReport:
+    """What a tiling run did (``tile_slide`` returns only ``store``)."""
+
+    store: RunStore
+    path: Path
+    n_tiles: int
+    grid_tiles: int
+    written: int
+    already_done: int
+    status: str  # "created" | "resumed" | "complete"
+    tissue_fraction: float | None
+    source_mpp: float | None
+    working_mpp: float | None
+    downsample: float
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "output": str(self.path),
+            "status": self.status,
+            "tiles": self.n_tiles,
+            "grid_tiles": self.grid_tiles,
+            "tiles_written": self.written,
+            "tissue_fraction": self.tissue_fraction,
+            "source_mpp": self.source_mpp,
+            "working_mpp": self.working_mpp,
+            "downsample": self.downsample,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def tile_slide(
+    source: Path,
+    out: Path,
+    *,
+    mpp: float | None = None,
+    mpp_target: float | None = None,
+    method: str | None = None,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    tissue_mask: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+) -> RunStore:
+    """Tile ``source`` into the run store ``out`` and return it (see module docstring).
+
+    ``mpp_target``, ``tile_size`` and ``overlap`` default to the method's config
+    (``method`` defaults to the registry's default method).
+    """
+    return run_tiling(source, out, mpp=mpp, mpp_target=mpp_target, method=method, tile_size=tile_size,
+                      overlap=overlap, tissue_mask=tissue_mask, overwrite=overwrite, progress=progress,
+                      workers=workers).store
+
+
+def run_tiling(
+    source: Path,
+    out: Path,
+    *,
+    mpp: float | None = None,
+    mpp_target: float | None = None,
+    method: str | None = None,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    tissue_mask: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+) -> TileReport:
+    """:func:`tile_slide` returning a :class:`TileReport`."""
+    from nucli import __version__
+    from nucli.slide import open_slide
+    from nucli.tiling import tissue as tissue_mod
+
+    t0 = time.perf_counter()
+    source = Path(source).expanduser()
+    out = Path(out).expanduser()
+    method_name, defaults = _method_defaults(method, need=mpp_target is None or tile_size is None or overlap is None)
+    tile_size = int(tile_size if tile_size is not None else defaults.get("tile_size", 512))
+    overlap = int(overlap if overlap is not None else defaults.get("overlap", 64))
+    if tile_size < 16:
+        raise UsageError(f"--tile-size must be at least 16 px, got {tile_size}")
+    if not 0 <= overlap < tile_size:
+        raise UsageError(f"--overlap must be in [0, tile size {tile_size}), got {overlap}")
+
+    with open_slide(source, mpp=mpp) as slide:
+        if slide.mpp is None:
+            if mpp_target is not None:
+                raise InputError(f"{source} has no pixel size in its metadata; pass --mpp")
+            log.warning("%s has no pixel size in its metadata; tiling at native resolution "
+                        "(pass --mpp to set it)", source)
+            target = None
+        else:
+            target = float(mpp_target) if mpp_target is not None else defaults.get("mpp")
+        working_mpp = slide.resolve_working_mpp(target)
+        ds = slide.downsample_for(working_mpp)
+        if ds < 1.0:
+            log.warning("%s (%.4g µm/px) is coarser than the working pixel size %.4g µm/px; "
+                        "tiles are upsampled %.2fx", source, slide.mpp, working_mpp, 1.0 / ds)
+        wsize = slide.working_size(working_mpp)
+        grid = TileGrid(wsize[0], wsize[1], tile_size, overlap)
+        settings = {
+            "fingerprint": slide.fingerprint,
+            "source_mpp": slide.mpp,
+            "working_mpp": working_mpp,
+            "downsample": ds,
+            "working_size": [int(wsize[0]), int(wsize[1])],
+            "tile_size": tile_size,
+            "overlap": overlap,
+            "tissue_mask": bool(tissue_mask),
+        }
+
+        existing = _inspect_output(out, settings, overwrite)
+        if existing is not None:
+            store = existing
+            status = "resumed"
+        else:
+            _check_writable(out)
+            fraction = None
+            mask_ds = None
+            if tissue_mask:
+                mask, mask_ds = tissue_mod.tissue_mask(slide)
+                fraction = float(mask.mean())
+                tiles = tissue_mod.tiles_with_tissue(grid, mask, mask_ds, ds)
+                if not tiles:
+                    raise tissue_mod.NoTissueError(
+                        f"no tissue found in {source}; pass --no-tissue-mask to tile the whole image"
+                    )
+            else:
+                tiles = grid.all_tiles()
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "nucli_version": __version__,
+                "source": {
+                    "path": str(source.resolve()),
+                    "name": source.name,
+                    "fingerprint": slide.fingerprint,
+                    "vendor": slide.vendor,
+                    "backend": slide.backend,
+                },
+                "level0_size": [int(v) for v in slide.dimensions],
+                "source_mpp": slide.mpp,
+                "source_mpp_from": "--mpp" if mpp is not None else ("metadata" if slide.mpp else None),
+                "mpp_target": target,
+                "working_mpp": working_mpp,
+                "downsample": ds,
+                "working_size": [int(wsize[0]), int(wsize[1])],
+                "tile_size": tile_size,
+                "overlap": overlap,
+                "grid": {"xs": [int(v) for v in grid.xs], "ys": [int(v) for v in grid.ys],
+                         "rows": grid.shape[0], "cols": grid.shape[1]},
+                "tissue_mask": bool(tissue_mask),
+                "tissue_fraction": fraction,
+                "mask_downsample": mask_ds,
+                "background": [int(v) for v in slide.background],
+                "method": method_name,
+                "stages": {},
+            }
+            store = _create_store(out, meta, grid, tiles, ds, overwrite)
+            status = "created"
+
+        done = store.done(STAGE)
+        todo = [int(i) for i in np.flatnonzero(~done)]
+        already = int(done.sum())
+        if not todo:
+            status = "complete"
+            log.info("%s is complete (%d tiles); nothing to do", out, store.n_tiles)
+        else:
+            log.info("tiling %s: %d of %d tiles to write (%d px, overlap %d, downsample %.4g)",
+                     source, len(todo), store.n_tiles, tile_size, overlap, ds)
+            _write_tiles(slide, store, todo, ds, tile_size, progress=progress, workers=workers)
+
+    m = store.meta
+    return TileReport(
+        store=store, path=out, n_tiles=store.n_tiles, grid_tiles=len(grid), written=len(todo),
+        already_done=already, status=status, tissue_fraction=m.get("tissue_fraction"),
+        source_mpp=m.get("source_mpp"), working_mpp=m.get("working_mpp"), downsample=float(m["downsample"]),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+# ---------------------------------------------------------------------- settings
+def _method_defaults(method: str | None, need: bool) -> tuple[str | None, dict[str, Any]]:
+    """(method name, {mpp, tile_size, overlap}) from the registry when needed or named."""
+    if method is None and not need:
+        return None, {}
+    from nucli.models.registry import get_spec
+
+    spec = get_spec(method)
+    cfg = spec.config
+    return spec.name, {"mpp": cfg.mpp, "tile_size": cfg.tile_size, "overlap": cfg.overlap}
+
+
+def _differences(meta: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    have = dict(meta)
+    have["fingerprint"] = (meta.get("source") or {}).get("fingerprint")
+    diffs = []
+    for key in _KEY_SETTINGS:
+        a, b = have.get(key), settings.get(key)
+        if isinstance(a, float) or isinstance(b, float):
+            same = a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(abs(float(b)), 1.0)
+            same = same or (a is None and b is None)
+        else:
+            same = (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+        if not same:
+            diffs.append("slide" if key == "fingerprint" else key)
+    return diffs
+
+
+# ---------------------------------------------------------------------- output handling
+def _is_zarr_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists())
+
+
+def _inspect_output(out: Path, settings: dict[str, Any], overwrite: bool) -> RunStore | None:
+    """A compatible store to resume, or None to create one (refusing what must not be replaced)."""
+    if not out.exists() and not out.is_symlink():
+        return None
+    if _is_zarr_dir(out):
+        try:
+            store = RunStore.open(out, mode="r+")
+        except StoreError:
+            if overwrite:
+                return None
+            raise StoreError(f"{out} exists but is not a readable nucli run store; "
+                             "pass --overwrite to replace it or choose another -o") from None
+        diffs = _differences(store.meta, settings)
+        if not diffs:
+            if not store.has("tiles") or not store.has("origin"):
+                raise StoreError(f"{out}: run store is missing its tiles; pass --overwrite to redo it")
+            return None if overwrite else store
+        if overwrite:
+            return None
+        raise StoreError(
+            f"{out} holds tiles of another slide or other settings ({', '.join(diffs)} differ); "
+            "pass --overwrite to replace it or choose another -o"
+        )
+    if not overwrite:
+        raise OutputExistsError(f"{out} already exists and is not a nucli run store; "
+                                "choose another -o or pass --overwrite")
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputExistsError(f"refusing to replace {out}: it is a non-empty directory that is not a run store")
+    return None
+
+
+def _check_writable(out: Path) -> None:
+    """Fail early (before any work) when ``out`` cannot be created."""
+    parent = out.absolute().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot write {out}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {out}: no write permission in {probe}")
+
+
+def _temp_path(out: Path, tag: str) -> Path:
+    return out.parent / f".{out.name}.{tag}-{os.getpid()}"
+
+
+def _remove_stale(out: Path) -> None:
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _create_store(out: Path, meta: dict[str, Any], grid: TileGrid, tiles: list[tuple[int, int]],
+                  ds: float, overwrite: bool) -> RunStore:
+    """Plan the store in a temp dir beside ``out`` and move it into place."""
+    tmp = _temp_path(out, "partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        store = RunStore.create(tmp, meta, n_tiles=len(tiles), tile_size=grid.tile_size, channels=3)
+        index = np.asarray(tiles, dtype=np.int32).reshape(-1, 2)
+        origin = np.asarray([grid.origin(r, c) for r, c in tiles], dtype=np.int64).reshape(-1, 2)
+        store.array("index")[:] = index
+        store.array("origin")[:] = origin
+        store.array("origin_level0")[:] = origin.astype(np.float64) * ds
+        store.init_done(STAGE)
+        if out.exists() or out.is_symlink():
+            if not overwrite:  # appeared meanwhile
+                raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+            trash = _temp_path(out, "old")
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            if trash.is_dir():
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                trash.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"cannot write the run store {out}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return RunStore.open(out, mode="r+")
+
+
+# ---------------------------------------------------------------------- tile loop
+def _write_one(slide, store: RunStore, i: int, x: int, y: int, ds: float, tile: int) -> int:
+    img = slide.read_scaled(x, y, tile, tile, ds)
+    store.write("tiles", i, img)
+    store.mark_done(STAGE, i)  # after the pixels: a "done" tile is always complete
+    return i
+
+
+def _write_tiles(slide, store: RunStore, todo: list[int], ds: float, tile: int, *, progress: bool,
+                 workers: int | None) -> None:
+    origins = store.origins()
+    n_workers = max(1, int(workers if workers is not None else min(4, os.cpu_count() or 1)))
+    with _progress(progress, len(todo), f"tiling {store.path.name}") as advance:
+        if n_workers == 1:
+            for i in todo:
+                _write_one(slide, store, i, int(origins[i, 0]), int(origins[i, 1]), ds, tile)
+                advance()
+            return
+        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="nucli-tile") as pool:
+            pending: set[Future] = set()
+            it = iter(todo)
+            try:
+                for i in _chain_limit(it, n_workers * 2):
+                    pending.add(pool.submit(_write_one, slide, store, i, int(origins[i, 0]),
+                                            int(origins[i, 1]), ds, tile))
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        f.result()
+                        advance()
+                        nxt = next(it, None)
+                        if nxt is not None:
+                            pending.add(pool.submit(_write_one, slide, store, nxt, int(origins[nxt, 0]),
+                                                    int(origins[nxt, 1]), ds, tile))
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+
+
+def _chain_limit(it, n: int) -> Iterable[int]:
+    for _ in range(n):
+        v = next(it, None)
+        if v is None:
+            return
+        yield v
+
+
+class _progress:
+    """Rich progress (count, rate, ETA) on stderr, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled = enabled
+        self.total = total
+        self.label = label
+        self._p = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self._p = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=Console(stderr=True), transient=False,
+        )
+        self._p.start()
+        task = self._p.add_task(self.label, total=self.total, rate="")
+        start = time.perf_counter()
+        count = [0]
+
+        def advance() -> None:
+            count[0] += 1
+            dt = time.perf_counter() - start
+            rate = f"{count[0] / dt:.1f} tiles/s" if dt > 0 else ""
+            self._p.update(task, advance=1, rate=rate)
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.stop()
+
+
+def read_tile_back(store: RunStore, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[float, float]]:
+    """(pixels, working origin, level-0 origin) of stored tile ``i`` (a convenience for tools/tests)."""
+    o = store.array("origin")[i]
+    o0 = store.array("origin_level0")[i]
+    return store.read_tile(i), (int(o[0]), int(o[1])), (float(o0[0]), float(o0[1]))
+
+
+__all__ = ["tile_slide", "run_tiling", "TileReport", "read_tile_back", "STAGE", "ATTR_KEY"]
