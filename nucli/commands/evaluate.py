@@ -219,11 +219,14 @@ def _print_table(report: Any, per_image: bool) -> None:
     by_mod = report.by_modality()
     if len(by_mod) > 1:
         cols = ["aji", "aji_plus", "dice", "dq", "sq", "pq", "f1"]
-        table = Table(title="mean over images, by modality", title_justify="left", box=box.SIMPLE_HEAD)
+        table = Table(
+            title="mean over images, by modality", title_justify="left", box=box.SIMPLE_HEAD,
+            pad_edge=False, padding=(0, 1), collapse_padding=True,
+        )
         table.add_column("modality", no_wrap=True)
         table.add_column("images", justify="right", no_wrap=True)
         for name in cols:
-            table.add_column(METRIC_TITLES[name], justify="right", no_wrap=True)
+            table.add_column(METRIC_TITLES[name], justify="right", no_wrap=True, min_width=5)
         for mod, a in by_mod.items():
             table.add_row(mod, str(a["n_images"]), *[f"{a[MEAN_KEY][m]:.3f}" for m in cols])
         out.print(table)
