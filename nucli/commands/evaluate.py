@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nucli.commands._common import handle_errors, stderr, stdout
-from nucli.commands._options import JsonSummary, Method, OptOutput, Overwrite, Quiet, Weights
+from nucli.commands._options import JsonSummary, Method, Overwrite, Quiet, Weights
 from nucli.errors import OutputExistsError, UsageError
 
 PredArg = Annotated[
@@ -49,7 +49,9 @@ def run(
         typer.Option("--save-predictions", help="--dataset: also write each prediction to DIR/<id>.tif."),
     ] = None,
     per_image: Annotated[bool, typer.Option("--per-image", help="Show a row per image in the table.")] = False,
-    output: OptOutput = None,
+    output: Annotated[
+        Optional[Path], typer.Option("-o", "--output", help="Write the full report (per image + aggregates) as JSON.")
+    ] = None,
     csv_path: Annotated[
         Optional[Path], typer.Option("--csv", help="Write the per-image metrics as CSV to this file.")
     ] = None,
