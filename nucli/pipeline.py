@@ -66,6 +66,8 @@ def pending_tiles(store: RunStore, stage: str = STAGE) -> np.ndarray:
 def prepare(store: RunStore, method: Method, overwrite: bool = False) -> None:
     """Record the method's settings (refusing a mix) and create the labels array."""
     store.set_stage_meta(STAGE, method.describe(), overwrite=overwrite)
+    if hasattr(store, "init_done"):
+        store.init_done(STAGE)
     t = store.tile_size
     store.ensure_array(LABELS, (t, t), "int32", fill_value=0)
 
@@ -231,3 +233,129 @@ def store_from_array(
     store.array("origin")[:] = origin
     store.array("origin_level0")[:] = origin.astype(np.float64) * downsample
     return store
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def is_run_store(path) -> bool:
+    """A directory holding a Zarr group whose attributes carry nucli metadata."""
+    import json
+    from pathlib import Path
+
+    meta = Path(path) / "zarr.json"
+    if not (Path(path).is_dir() and meta.is_file()):
+        return False
+    try:
+        return "nucli" in (json.loads(meta.read_text()).get("attributes") or {})
+    except (OSError, ValueError):
+        return False
+
+
+def _tile_source(source, store_path, *, method: Method, mpp, mpp_target, tile_size, overlap, tissue_mask,
+                 overwrite: bool, progress: bool) -> RunStore:
+    """Tile a slide into ``store_path`` (resuming a compatible store; replacing another only with overwrite)."""
+    from nucli.errors import NotAvailableError, StoreError
+
+    try:
+        from nucli.tiling.tiler import tile_slide
+    except ImportError:
+        raise NotAvailableError(
+            "tiling a slide is not available in this build; give a run store made by `nucli tile`"
+        ) from None
+    cfg = method.config
+    kwargs = dict(mpp=mpp, mpp_target=mpp_target or cfg.mpp, method=method.name,
+                  tile_size=tile_size or cfg.tile_size, overlap=cfg.overlap if overlap is None else overlap,
+                  tissue_mask=tissue_mask, progress=progress)
+    try:
+        return tile_slide(source, store_path, overwrite=False, **kwargs)
+    except StoreError:
+        if not overwrite:
+            raise
+        log.info("replacing run store %s (other slide or settings)", store_path)
+        return tile_slide(source, store_path, overwrite=True, **kwargs)
+
+
+def segment_to_outputs(
+    source,
+    output,
+    *,
+    method: str | None = None,
+    store=None,
+    formats: list[str] | None = None,
+    overlay=None,
+    weights=None,
+    batch_size: int | None = None,
+    mpp: float | None = None,
+    mpp_target: float | None = None,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    tissue_mask: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+) -> dict:
+    """``nucli segment``: tile (if given a slide), segment, stitch, export. Returns the summary."""
+    from pathlib import Path
+
+    from nucli.errors import UsageError
+    from nucli.export import check_outputs, default_store_path, resolve_outputs
+    from nucli.models.registry import build_method
+
+    start = time.perf_counter()
+    source, output = Path(source), Path(output)
+    outputs = resolve_outputs(output, formats)
+    check_outputs([*outputs.values(), *([Path(overlay)] if overlay else [])], overwrite)
+    m = build_method(method, weights=weights, device=device)
+
+    if is_run_store(source):
+        ignored = [n for n, v in (("--mpp", mpp), ("--mpp-target", mpp_target), ("--tile-size", tile_size),
+                                  ("--overlap", overlap), ("--store", store)) if v is not None]
+        if ignored:
+            log.warning("%s ignored: %s is already tiled", ", ".join(ignored), source)
+        run_store = RunStore.open(source, mode="r+")
+    else:
+        store_path = Path(store) if store is not None else default_store_path(output)
+        used = {Path(p).resolve() for p in outputs.values()}
+        if store_path.resolve() in used or (overlay and store_path.resolve() == Path(overlay).resolve()):
+            raise UsageError(f"the run store {store_path} would overwrite an output; pass another --store")
+        run_store = _tile_source(source, store_path, method=m, mpp=mpp, mpp_target=mpp_target,
+                                 tile_size=tile_size, overlap=overlap, tissue_mask=tissue_mask,
+                                 overwrite=overwrite, progress=progress)
+    if run_store.n_tiles and run_store.overlap < m.config.max_nucleus_diameter_px:
+        log.warning("tile overlap %d px is below the method's largest nucleus (%d px); large nuclei will stop "
+                    "the stitch (re-tile with a larger --overlap)", run_store.overlap,
+                    m.config.max_nucleus_diameter_px)
+    seg = segment_store(run_store, m, batch_size=batch_size, overwrite=overwrite, progress=progress)
+    summary = stitch_to_outputs(run_store, outputs, overlay=overlay, progress=progress)
+    summary["method"] = m.name
+    summary["tiles_segmented_now"] = seg.tiles_segmented
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    return summary
+
+
+def stitch_to_outputs(store: RunStore, outputs: dict, *, overlay=None, progress: bool = True) -> dict:
+    """Stitch a segmented store into the given outputs; the summary (nuclei, tissue, density, paths)."""
+    from pathlib import Path
+
+    from nucli.export import make_sinks
+    from nucli.stitching import stitch_store
+
+    start = time.perf_counter()
+    stats = stitch_store(store, make_sinks(outputs, Path(overlay) if overlay else None), progress=progress)
+    density = stats.density_per_mm2
+    paths = [str(p) for p in outputs.values()] + ([str(overlay)] if overlay else [])
+    meta = store.meta
+    return {
+        "nuclei": stats.nuclei,
+        "tissue_area_mm2": round(stats.tissue_area_um2 / 1e6, 4) if stats.tissue_area_um2 else None,
+        "density_per_mm2": round(density, 1) if density is not None else None,
+        "residual_overlaps_removed": stats.residual_overlaps_removed,
+        "tiles": stats.tiles,
+        "modality": "brightfield" if stats.brightfield else "fluorescence",
+        "working_mpp": meta.get("working_mpp"),
+        "method": (store.stage_meta(STAGE) or {}).get("method"),
+        "store": str(store.path),
+        "outputs": paths,
+        "seconds": round(time.perf_counter() - start, 2),
+    }

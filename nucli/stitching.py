@@ -465,5 +465,5 @@ def stitch_store(store: RunStore, sinks: Sequence[Sink] = (), *, progress: bool 
     stats.tissue_area_um2 = stats.tissue_px * frame.um_per_px**2 if frame.um_per_px else None
     stats.seconds = time.perf_counter() - start
     if stats.residual_overlaps_removed:
-        log.warning("stitch: removed %d residual overlaps between tiles", stats.residual_overlaps_removed)
+        log.info("stitch: removed %d residual overlaps between tiles", stats.residual_overlaps_removed)
     return stats

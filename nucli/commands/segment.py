@@ -1,12 +1,62 @@
-"""`nucli segment` (not built yet)."""
+"""`nucli segment`: slide (or run store) -> nuclei -> GeoJSON / table / label image / overlay."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nucli.commands import _options as opt
 from nucli.commands._common import handle_errors
-from nucli.errors import NotAvailableError
+
+InputPath = Annotated[
+    Path, typer.Argument(help="A slide/image, or a run store (RUN.zarr) made by `nucli tile`.", show_default=False)
+]
+StorePath = Annotated[
+    Optional[Path],
+    typer.Option("--store", help="Run store to tile into / resume from (default: OUT's stem + .nucli.zarr)."),
+]
+Formats = Annotated[
+    Optional[list[str]],
+    typer.Option("--format", "-f", help="Also write: geojson, geojson.gz, csv, parquet, labels (repeatable)."),
+]
+OverlayPath = Annotated[
+    Optional[Path], typer.Option("--overlay", help="Also draw nucleus outlines on a downsampled slide view (PNG).")
+]
 
 
 @handle_errors
-def run() -> None:
-    """Not built yet in this version."""
-    raise NotAvailableError("`nucli segment` is not built yet in this version of nucli")
+def run(
+    source: InputPath,
+    output: opt.Output,
+    method: opt.Method = None,
+    store: StorePath = None,
+    formats: Formats = None,
+    overlay: OverlayPath = None,
+    weights: opt.Weights = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Tiles per model batch.")] = None,
+    mpp: opt.Mpp = None,
+    mpp_target: opt.MppTarget = None,
+    tile_size: Annotated[
+        Optional[int], typer.Option("--tile-size", min=64, help="Tile edge in working pixels (default: the method's).")
+    ] = None,
+    overlap: opt.Overlap = None,
+    tissue_mask: opt.TissueMask = True,
+    overwrite: opt.Overwrite = False,
+    quiet: opt.Quiet = False,
+    json_summary: opt.JsonSummary = False,
+) -> None:
+    """Find every nucleus: tile the slide (if needed), segment each tile, stitch, export.
+
+    A rerun continues where an interrupted run stopped (finished tiles are kept in the run store).
+    """
+    from nucli.commands._common import print_summary
+    from nucli.pipeline import segment_to_outputs
+
+    summary = segment_to_outputs(
+        source, output, method=method, store=store, formats=list(formats or []), overlay=overlay,
+        weights=weights, batch_size=batch_size, mpp=mpp, mpp_target=mpp_target, tile_size=tile_size,
+        overlap=overlap, tissue_mask=tissue_mask, overwrite=overwrite, progress=not (quiet or json_summary),
+    )
+    print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli segment")

@@ -1,12 +1,44 @@
-"""`nucli stitch` (not built yet)."""
+"""`nucli stitch`: a segmented run store -> global nuclei -> GeoJSON / table / label image / overlay."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nucli.commands import _options as opt
 from nucli.commands._common import handle_errors
-from nucli.errors import NotAvailableError
+
+StoreArg = Annotated[Path, typer.Argument(help="Run store (RUN.zarr) segmented by `nucli segment`.",
+                                          show_default=False)]
+Formats = Annotated[
+    Optional[list[str]],
+    typer.Option("--format", "-f", help="Also write: geojson, geojson.gz, csv, parquet, labels (repeatable)."),
+]
+OverlayPath = Annotated[
+    Optional[Path], typer.Option("--overlay", help="Also draw nucleus outlines on a downsampled slide view (PNG).")
+]
 
 
 @handle_errors
-def run() -> None:
-    """Not built yet in this version."""
-    raise NotAvailableError("`nucli stitch` is not built yet in this version of nucli")
+def run(
+    store: StoreArg,
+    output: opt.Output,
+    formats: Formats = None,
+    overlay: OverlayPath = None,
+    overwrite: opt.Overwrite = False,
+    quiet: opt.Quiet = False,
+    json_summary: opt.JsonSummary = False,
+) -> None:
+    """Merge per-tile nuclei into global nuclei (each exactly once) and write the exports."""
+    from nucli.commands._common import print_summary
+    from nucli.export import check_outputs, resolve_outputs
+    from nucli.pipeline import stitch_to_outputs
+    from nucli.tiling.store import RunStore
+
+    outputs = resolve_outputs(output, list(formats or []))
+    check_outputs([*outputs.values(), *([overlay] if overlay else [])], overwrite)
+    run_store = RunStore.open(store, mode="r")
+    summary = stitch_to_outputs(run_store, outputs, overlay=overlay, progress=not (quiet or json_summary))
+    print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli stitch")
