@@ -1,12 +1,91 @@
-"""`nucli enhance` (not built yet)."""
+"""`nucli enhance`: GeNSeg-Net's enhancement stage alone, on a run store or an image."""
 
 from __future__ import annotations
 
-from nucli.commands._common import handle_errors
-from nucli.errors import NotAvailableError
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nucli.commands._common import handle_errors, print_summary
+from nucli.commands._options import BatchSize, JsonSummary, OptOutput, Overwrite, Quiet, Weights
+from nucli.errors import InputError, OutputExistsError, UsageError
+
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 @handle_errors
-def run() -> None:
-    """Not built yet in this version."""
-    raise NotAvailableError("`nucli enhance` is not built yet in this version of nucli")
+def run(
+    source: Annotated[Path, typer.Argument(help="A run store (RUN.zarr from `nucli tile`) or an image file.")],
+    output: OptOutput = None,
+    png: Annotated[Optional[Path], typer.Option("--png", help="Also write enhanced tiles as PNGs into this folder.")] = None,
+    weights: Weights = None,
+    batch_size: BatchSize = 4,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_summary: JsonSummary = False,
+) -> None:
+    """Enhance nuclei (GeNSeg-Net generator): a run store gets array 'enhanced'; an image gets an enhanced PNG.
+
+    For a run store the enhanced tiles are stored in the store itself (resumable), and
+    `nucli segment` then runs only the U-Net and watershed on them. For an image, -o names
+    the output PNG (default: <image>_enhanced.png beside it).
+    """
+    from nucli.models.registry import build_method
+    from nucli.pipeline import is_run_store
+
+    if not source.exists():
+        raise InputError(f"{source} does not exist")
+    method = build_method("gensegnet", weights=weights)
+    if is_run_store(source):
+        if output is not None:
+            raise UsageError("-o is for image inputs; a run store is enhanced in place (use --png DIR for pictures)")
+        summary = _enhance_store(source, method, batch_size, overwrite, quiet, png)
+    else:
+        summary = _enhance_image(source, method, output, overwrite)
+    print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli enhance")
+
+
+def _enhance_store(path: Path, method, batch_size: int, overwrite: bool, quiet: bool, png: Optional[Path]) -> dict:
+    from nucli.models.gensegnet.enhance import STAGE, enhance_store, write_pngs
+    from nucli.pipeline import track
+    from nucli.tiling.store import RunStore
+
+    store = RunStore.open(path, mode="r+")
+    todo = int((~store.done(STAGE)).sum()) if store.stage_meta(STAGE) and not overwrite else store.n_tiles
+    with track(total=todo, description="Enhancing", enabled=not quiet) as advance:
+        counts = enhance_store(store, method, batch_size=batch_size, overwrite=overwrite, advance=advance)
+    summary = {"store": str(path), **counts}
+    if png is not None:
+        summary["pngs"] = write_pngs(store, png)
+    return summary
+
+
+def _enhance_image(path: Path, method, output: Optional[Path], overwrite: bool) -> dict:
+    import os
+    import tempfile
+
+    from PIL import Image
+
+    from nucli.evaluation.labels_io import read_rgb
+    from nucli.models.gensegnet.method import enhanced_to_uint8
+
+    image = read_rgb(path)
+    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
+        raise InputError(f"{path} is too large to enhance whole; tile it first with `nucli tile` and enhance the run store")
+    out = Path(output) if output is not None else path.with_name(f"{path.stem}_enhanced.png")
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"-o {out}: the enhanced image is written as PNG; give a .png path")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    enhanced = enhanced_to_uint8(method.enhance(image[None]))[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(enhanced).save(tmp, format="PNG")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {"image": str(path), "output": str(out), "size": f"{image.shape[1]}x{image.shape[0]}"}

@@ -1,12 +1,91 @@
-"""`nucli train` (not built yet)."""
+"""`nucli train`: train a method on DIR/images + DIR/labels and write weights, config and model card."""
 
 from __future__ import annotations
 
-from nucli.commands._common import handle_errors
-from nucli.errors import NotAvailableError
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nucli.commands._common import handle_errors, print_summary
+from nucli.commands._options import JsonSummary, Method, Output, Overwrite, Quiet
+from nucli.errors import InputError, OutputExistsError, UsageError
+
+
+class Preset(str, Enum):
+    cpu = "cpu"
+    paper = "paper"
 
 
 @handle_errors
-def run() -> None:
-    """Not built yet in this version."""
-    raise NotAvailableError("`nucli train` is not built yet in this version of nucli")
+def run(
+    data: Annotated[Path, typer.Option("--data", help="Training data: DIR/images/*.png + DIR/labels/*.tif.")],
+    output: Output,
+    method: Method = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation data (same layout), for model selection.")] = None,
+    preset: Annotated[Preset, typer.Option("--preset", help="cpu: narrow, ~1 h on 2 cores; paper: the paper's widths/epochs.")] = Preset.cpu,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", min=0.01, help="Epochs of the first stage (others scale with it).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints in OUTDIR.")] = False,
+    finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="gensegnet: also fine-tune the U-Net on generator outputs (kept only if better on val).")] = True,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads.")] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_summary: JsonSummary = False,
+) -> None:
+    """Train a method (both GeNSeg-Net stages) with checkpoints, loss logs and val-based selection."""
+    name = method or "gensegnet"
+    for d, what in ((data, "--data"), (val, "--val")):
+        if d is not None and not (Path(d) / "images").is_dir():
+            raise InputError(f"{what} {d} must hold images/ and labels/ folders (like dsb2018/train)")
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"-o {output} exists and is not a folder")
+    if output.exists() and any(output.iterdir()) and not (resume or overwrite):
+        raise OutputExistsError(f"{output} is not empty; pass --resume to continue or --overwrite to start over")
+    if overwrite and not resume and output.exists():
+        for f in output.glob("*.ckpt.safetensors"):
+            f.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    if name != "gensegnet":
+        raise UsageError(f"`nucli train` supports --method gensegnet in this version, not '{name}'")
+
+    from nucli.training.gensegnet import train_gensegnet
+
+    with _progress(quiet) as progress:
+        summary = train_gensegnet(data, output, val, preset=preset.value, epochs=epochs, resume=resume,
+                                  finetune=finetune, threads=threads, progress=progress)
+    print_summary({"weights": summary["weights"], "chosen U-Net": summary["chosen_unet"],
+                   "wall seconds": summary["wall_s"],
+                   **{f"val {k} AJI": (v.get("val") or {}).get("aji") for k, v in summary["candidates"].items()}},
+                  as_json=json_summary, quiet=quiet, title="nucli train")
+
+
+class _progress:
+    """One rich progress bar per training stage (count, rate, ETA); silent with --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+        self.bar.__enter__()
+        return self
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(f"train {stage}", total=total, completed=step - 1)
+        self.bar.update(self.tasks[stage], completed=step)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False

@@ -180,3 +180,210 @@ def run_stage(stage: str, train_dir: Path, val_dir: Path | None, out_dir: Path, 
         vf = unet_val_fn(val, unet.stride, val_in) if val else None
         return train_supervised(unet, next_batch, loss_fn, vf, cfg, out_dir, stage, resume, sampler, progress)
     raise ValueError(f"unknown stage {stage}")
+
+
+# ---------------------------------------------------------------- export, tuning, the whole run
+def method_config(preset_name: str, postprocess: dict[str, Any] | None = None, extra: dict[str, Any] | None = None):
+    """The MethodConfig written beside (and inside) a trained weights file."""
+    from nucli.models.gensegnet import CONFIG
+
+    preset = PRESETS[preset_name]
+    data = CONFIG.to_dict()
+    params = dict(data["params"])
+    params.update({"preset": preset_name, "generator": dict(preset["generator"]),
+                   "unet": {"widths": list(preset["unet"]["widths"])}})
+    if postprocess is not None:
+        params["postprocess"] = dict(postprocess)
+    params.update(extra or {})
+    data["params"] = params
+    from nucli.models.base import MethodConfig
+
+    return MethodConfig.from_dict(data)
+
+
+def export_weights(path: Path, gen: Any, unet: Any, config: Any, extra: dict[str, str] | None = None) -> Path:
+    """Generator + U-Net -> one nucli safetensors file (method 'gensegnet', config in metadata)."""
+    from nucli.models.weights_io import save_weights
+
+    tensors = {f"generator.{k}": v for k, v in gen.state_dict().items()}
+    tensors.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
+    return save_weights(Path(path), tensors, "gensegnet", config.to_dict(), extra)
+
+
+def _val_probs(method: Any, samples: list) -> list[np.ndarray]:
+    out = []
+    for s in samples:
+        x = np.clip(s.x.astype(np.float32), 0, 1)
+        out.append(method.classify(method._run(method.generator, method._to_tensor(x[None]))[:, 0].numpy())[0])
+    return out
+
+
+def score_labels(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Mean AJI / PQ / F1 / Dice over (true, pred) label pairs, using nucli.metrics."""
+    from nucli.metrics import evaluate_image
+
+    per = [evaluate_image(t, p) for t, p in pairs]
+    keys = [k for k in per[0] if k not in ("n_true", "n_pred")] if per else []
+    return {k: float(np.mean([m[k] for m in per])) for k in keys}
+
+
+def tune_postprocess(probs: list[np.ndarray], labels: list[np.ndarray], start: dict[str, Any] | None = None,
+                     rounds: int = 2) -> tuple[dict[str, Any], dict[str, float]]:
+    """Coordinate search of the post-processing thresholds maximising mean (AJI + PQ) / 2 on val."""
+    from nucli.models.gensegnet.postprocess import PostprocessParams, instances_from_probs
+
+    grid = {
+        "band_bias": [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
+        "body_threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
+        "background_threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
+        "min_area": [4, 10, 20, 30],
+        "min_seed_area": [1, 3, 6],
+    }
+    cur = dict(PostprocessParams().__dict__)
+    cur.update(start or {})
+
+    def evaluate(p: dict[str, Any]) -> dict[str, float]:
+        pp = PostprocessParams.from_dict(p)
+        return score_labels([(t, instances_from_probs(pr, pp)) for pr, t in zip(probs, labels)])
+
+    best_m = evaluate(cur)
+    obj = lambda m: 0.5 * (m["aji"] + m["pq"])  # noqa: E731
+    for _ in range(rounds):
+        changed = False
+        for key, values in grid.items():
+            for v in values:
+                if v == cur[key]:
+                    continue
+                trial = dict(cur, **{key: v})
+                m = evaluate(trial)
+                if obj(m) > obj(best_m) + 1e-4:
+                    cur, best_m, changed = trial, m, True
+            log.info("tune %s -> %s (AJI %.4f PQ %.4f)", key, cur[key], best_m["aji"], best_m["pq"])
+        if not changed:
+            break
+    return cur, best_m
+
+
+def assemble(out_dir: Path, preset_name: str, val_dir: Path | None, unet_stage: str | None = None,
+             tune: bool = True) -> dict[str, Any]:
+    """Combine the best generator and U-Net, tune thresholds on val, write weights + config.
+
+    When both ``unet`` (trained on ideal images) and ``finetune`` (on generator
+    outputs) exist, both are scored on val and the better one is kept (both
+    scores are returned for the model card).
+    """
+    import json
+
+    from nucli.models.gensegnet.method import GenSegNet
+    from nucli.training.data import load_dataset
+    from nucli.training.loop import load_module
+
+    out_dir = Path(out_dir)
+    preset = PRESETS[preset_name]
+    gen, _, unet = build_networks(preset)
+    load_module(out_dir / "gan.best.safetensors", gen)
+    candidates = [unet_stage] if unet_stage else [s for s in ("unet", "finetune")
+                                                  if (out_dir / f"{s}.best.safetensors").exists()]
+    val = load_dataset(val_dir, out_dir / "cache") if val_dir else []
+    results: dict[str, Any] = {}
+    best_stage, best_obj = None, -1.0
+    for stage in candidates:
+        load_module(out_dir / f"{stage}.best.safetensors", unet)
+        cfg = method_config(preset_name)
+        method = GenSegNet(cfg, gen, unet)
+        if val and tune:
+            probs = _val_probs(method, val)
+            params, metrics = tune_postprocess(probs, [s.labels for s in val])
+        else:
+            params, metrics = dict(cfg.params["postprocess"]), {}
+        results[stage] = {"postprocess": params, "val": metrics}
+        o = 0.5 * (metrics.get("aji", 0) + metrics.get("pq", 0))
+        if best_stage is None or o > best_obj:
+            best_stage, best_obj = stage, o
+    load_module(out_dir / f"{best_stage}.best.safetensors", unet)
+    cfg = method_config(preset_name, results[best_stage]["postprocess"], {"segmentation_stage": best_stage})
+    weights = export_weights(out_dir / f"gensegnet_{preset_name}.safetensors", gen, unet, cfg)
+    summary = {"weights": str(weights), "chosen_unet": best_stage, "candidates": results, "config": cfg.to_dict()}
+    (out_dir / f"gensegnet_{preset_name}.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def write_card(path: Path, summary: dict[str, Any], extra_sections: dict[str, str] | None = None) -> Path:
+    """A short model card (markdown) from a training summary; extra sections are appended verbatim."""
+    cfg = summary.get("config", {})
+    params = cfg.get("params", {})
+    lines = [
+        f"# GeNSeg-Net ({params.get('preset', '?')} preset)", "",
+        f"- data: {summary.get('data')} (val for selection: {summary.get('val')})",
+        f"- stages: {json_line(summary.get('stages'))}",
+        f"- chosen segmentation U-Net: {summary.get('chosen_unet')}",
+        f"- generator: {json_line(params.get('generator'))}; U-Net widths {params.get('unet', {}).get('widths')}",
+        f"- post-processing (tuned on val): {json_line(params.get('postprocess'))}",
+        f"- working pixel size (assumed): {cfg.get('mpp')} um/px; typical nucleus {cfg.get('nucleus_diameter_px')} px",
+        f"- val metrics: {json_line({k: v.get('val') for k, v in (summary.get('candidates') or {}).items()})}",
+        f"- total wall time: {summary.get('wall_s')} s", "",
+    ]
+    for title, text in (extra_sections or {}).items():
+        lines += [f"## {title}", "", text.strip(), ""]
+    text = "\n".join(lines)
+    tmp = Path(path).with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return Path(path)
+
+
+def json_line(obj: Any) -> str:
+    import json
+
+    def _round(o):
+        if isinstance(o, float):
+            return round(o, 4)
+        if isinstance(o, dict):
+            return {k: _round(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [_round(v) for v in o]
+        return o
+
+    return json.dumps(_round(obj), default=str)
+
+
+def train_gensegnet(train_dir: Path, out_dir: Path, val_dir: Path | None = None, preset: str = "cpu",
+                    epochs: float | None = None, resume: bool = False, finetune: bool = True,
+                    threads: int | None = None, limit: int | None = None, seed: int = 0,
+                    crop: int | None = None, batch: int | None = None,
+                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Train both stages (GAN, U-Net on ideal images, optional fine-tune), tune on val, export.
+
+    ``epochs`` scales every stage relative to the preset's GAN epochs. Writes
+    ``gensegnet_<preset>.safetensors``, ``.json`` and ``.md`` into ``out_dir``.
+    """
+    import time
+
+    import torch
+
+    from nucli.errors import UsageError
+
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    if threads:
+        torch.set_num_threads(int(threads))
+    p = PRESETS[preset]
+    scale = 1.0 if epochs is None else float(epochs) / p["epochs"]
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    stages: dict[str, Any] = {}
+    plan = [("gan", p["epochs"]), ("unet", p["unet_train"]["epochs"])]
+    if finetune:
+        plan.append(("finetune", p["finetune"]["epochs"]))
+    for stage, ep in plan:
+        cb = (lambda s, n, parts, _st=stage: progress(_st, s, n)) if progress else None
+        stages[stage] = run_stage(stage, train_dir, val_dir, out_dir, preset, epochs=ep * scale, resume=resume,
+                                  seed=seed, limit=limit, progress=cb, crop=crop, batch=batch)
+    summary = assemble(out_dir, preset, val_dir, tune=val_dir is not None)
+    summary.update({"data": str(train_dir), "val": str(val_dir) if val_dir else None, "stages": stages,
+                    "wall_s": round(time.time() - t0, 1)})
+    import json
+
+    (out_dir / f"gensegnet_{preset}.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_card(out_dir / f"gensegnet_{preset}.md", summary)
+    return summary

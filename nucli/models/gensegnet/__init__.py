@@ -1,0 +1,52 @@
+"""GeNSeg-Net (the default method): enhancement GAN + 3-class U-Net + watershed.
+
+Importing this package registers the method; torch is imported only when the
+method is built.
+"""
+
+from __future__ import annotations
+
+from nucli.models.base import MethodConfig
+from nucli.models.registry import MethodSpec, register
+
+# Architecture of the shipped CPU preset and the post-processing thresholds tuned
+# on the DSB2018 val split (also stored inside the weights file and in
+# gensegnet_cpu.json; the weights file's copy wins when they differ).
+CPU_PARAMS = {
+    "preset": "cpu",
+    "generator": {"channels": 16, "n_down": 2, "n_blocks": 9, "max_channels": 48, "input_skip": True},
+    "unet": {"widths": [16, 32, 64, 128]},
+    "postprocess": {"body_threshold": 0.5, "background_threshold": 0.5, "band_bias": 0.0,
+                    "min_seed_area": 3, "min_area": 10},
+    "bf16": False,
+}
+
+CONFIG = MethodConfig(
+    name="gensegnet",
+    mpp=0.5,  # assumed: DSB2018 has no pixel size; its median nucleus is ~19 px across
+    nucleus_diameter_px=19.0,
+    max_nucleus_diameter_px=64,
+    tile_size=512,
+    overlap=64,
+    batch_size=4,
+    params=CPU_PARAMS,
+)
+
+
+def _build(config, weights_path, device):
+    from nucli.models.gensegnet.method import build
+
+    return build(config, weights_path, device)
+
+
+SPEC = register(
+    MethodSpec(
+        name="gensegnet",
+        summary="GeNSeg-Net: enhancement GAN + 3-class U-Net + body-seeded watershed (default)",
+        config=CONFIG,
+        builder=_build,
+        weights_file="gensegnet_cpu.safetensors",
+        weights_sha256=None,
+        needs_weights=True,
+    )
+)

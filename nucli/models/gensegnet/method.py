@@ -1,0 +1,136 @@
+"""GeNSeg-Net as a nucli method: enhancement generator -> 3-class U-Net -> body-seeded watershed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nucli.errors import InputError, WeightsError
+from nucli.models.base import Method, MethodConfig, TileResult
+from nucli.models.gensegnet.postprocess import PostprocessParams, instances_from_probs
+
+log = logging.getLogger("nucli.gensegnet")
+
+METHOD = "gensegnet"
+
+
+class GenSegNet(Method):
+    """Built once per worker by :func:`build`; ``infer`` is batched, ``postprocess`` is CPU-only."""
+
+    def __init__(self, config: MethodConfig, generator: Any, unet: Any, device: str = "cpu",
+                 bf16: bool = False):
+        super().__init__(config)
+        self.generator = generator.eval()
+        self.unet = unet.eval()
+        self.device = device
+        self.bf16 = bf16
+        self.params = PostprocessParams.from_dict(config.params.get("postprocess"))
+        self.stride = int(np.lcm(generator.stride, unet.stride))
+
+    # ------------------------------------------------------------ model steps
+    def _to_tensor(self, gray: np.ndarray):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[:, None].to(self.device)
+
+    def _run(self, net: Any, x):
+        import torch
+
+        from nucli.models.gensegnet.generator import pad_to
+
+        x, (h, w) = pad_to(x, self.stride)
+        with torch.inference_mode():
+            if self.bf16:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = net(x)
+                y = y.float()
+            else:
+                y = net(x)
+        return y[..., :h, :w]
+
+    def enhance(self, tiles: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 RGB (or (B, H, W) gray) -> (B, H, W) float32 enhanced images in [0, 1]."""
+        from nucli.models.gensegnet.preprocess import normalize_batch
+
+        tiles = _check_tiles(tiles)
+        gray = normalize_batch(tiles)
+        return self._run(self.generator, self._to_tensor(gray))[:, 0].cpu().numpy()
+
+    def classify(self, enhanced: np.ndarray) -> np.ndarray:
+        """(B, H, W) enhanced images (float in [0, 1] or uint8) -> (B, 3, H, W) float32 probabilities."""
+        e = np.asarray(enhanced)
+        if e.ndim == 2:
+            e = e[None]
+        e = e.astype(np.float32) / 255.0 if e.dtype == np.uint8 else e.astype(np.float32)
+        return self._run(self.unet, self._to_tensor(e)).softmax(dim=1).cpu().numpy()
+
+    def infer(self, tiles: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 class probabilities (background, body, edge)."""
+        return self.classify(self.enhance(tiles))
+
+    def postprocess(self, raw: np.ndarray) -> list[TileResult]:
+        return [TileResult(labels=instances_from_probs(p, self.params)) for p in np.asarray(raw)]
+
+    def segment_enhanced(self, enhanced: np.ndarray) -> list[TileResult]:
+        """Segment stored enhanced tiles ((B, H, W) uint8 or float) without re-running the generator."""
+        return self.postprocess(self.classify(enhanced))
+
+
+def enhanced_to_uint8(enhanced: np.ndarray) -> np.ndarray:
+    """Enhanced images in [0, 1] -> uint8 (what ``nucli enhance`` stores)."""
+    return np.clip(np.rint(np.asarray(enhanced) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _check_tiles(tiles: np.ndarray) -> np.ndarray:
+    tiles = np.asarray(tiles)
+    if tiles.ndim == 2 or (tiles.ndim == 3 and tiles.shape[-1] in (3, 4) and tiles.shape[0] > 4):
+        tiles = tiles[None]
+    if tiles.ndim not in (3, 4) or tiles.shape[1] < 1 or tiles.shape[2] < 1:
+        raise InputError(f"expected tiles of shape (B, H, W, 3) or (B, H, W), got {tiles.shape}")
+    return tiles
+
+
+def networks_from_params(params: dict[str, Any]):
+    """Build (generator, unet) from the architecture recorded in a config's params."""
+    from nucli.models.gensegnet.generator import Generator
+    from nucli.models.gensegnet.unet import UNet
+
+    try:
+        gen = Generator(**params["generator"])
+        unet = UNet(tuple(params["unet"]["widths"]))
+    except (KeyError, TypeError) as exc:
+        raise WeightsError(f"gensegnet config lacks a valid network description ({exc})") from None
+    return gen, unet
+
+
+def build(config: MethodConfig, weights_path: Path | None, device: str = "cpu") -> GenSegNet:
+    """Registry builder: load weights once, return a ready method."""
+    import torch
+
+    from nucli.models.weights_io import load_into, load_weights
+
+    if weights_path is None:
+        raise WeightsError("gensegnet needs weights; pass --weights FILE or reinstall nucli (shipped weights missing)")
+    tensors, stored = load_weights(Path(weights_path), METHOD)
+    params = dict(config.params)
+    stored_params = dict(stored.get("params") or {})
+    # the network and its tuned thresholds travel with the weights file
+    for key in ("generator", "unet", "postprocess", "preset"):
+        if key in stored_params:
+            params[key] = stored_params[key]
+    if "postprocess" in config.params and config.params.get("postprocess_override"):
+        params["postprocess"] = config.params["postprocess"]
+    data = config.to_dict()
+    data["params"] = params
+    config = MethodConfig.from_dict(data)
+    gen, unet = networks_from_params(params)
+    load_into(gen, {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")},
+              weights_path, METHOD)
+    load_into(unet, {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}, weights_path, METHOD)
+    torch_device = torch.device(device)
+    gen.to(torch_device)
+    unet.to(torch_device)
+    return GenSegNet(config, gen, unet, device=str(torch_device), bf16=bool(params.get("bf16", False)))

@@ -1,0 +1,168 @@
+"""GeNSeg-Net networks, method interface, weights loading and post-processing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from nucli.errors import WeightsError  # noqa: E402
+from nucli.models.base import MethodConfig  # noqa: E402
+from nucli.models.gensegnet.discriminator import Discriminator  # noqa: E402
+from nucli.models.gensegnet.generator import Generator, pad_to  # noqa: E402
+from nucli.models.gensegnet.postprocess import PostprocessParams, instances_from_probs  # noqa: E402
+from nucli.models.gensegnet.preprocess import is_brightfield, normalize, to_gray  # noqa: E402
+from nucli.models.gensegnet.unet import UNet  # noqa: E402
+
+TINY = {"generator": {"channels": 4, "n_down": 2, "n_blocks": 2, "max_channels": 8, "input_skip": True},
+        "unet": {"widths": [4, 8, 16]}}
+
+
+@pytest.mark.parametrize("h,w", [(37, 53), (64, 64), (101, 30)])
+def test_generator_and_unet_shapes_at_odd_sizes(h, w):
+    gen = Generator(**TINY["generator"]).eval()
+    unet = UNet(tuple(TINY["unet"]["widths"])).eval()
+    x = torch.rand(2, 1, h, w)
+    xp, (oh, ow) = pad_to(x, 4)
+    assert (oh, ow) == (h, w) and xp.shape[-2] % 4 == 0 and xp.shape[-1] % 4 == 0
+    with torch.inference_mode():
+        y = gen(xp)[..., :h, :w]
+        assert y.shape == (2, 1, h, w) and float(y.min()) >= 0 and float(y.max()) <= 1
+        xp, _ = pad_to(x, unet.stride)
+        logits = unet(xp)[..., :h, :w]
+    assert logits.shape == (2, 3, h, w)
+
+
+@pytest.mark.parametrize("h,w", [(67, 45), (128, 200), (256, 256)])
+def test_discriminator_gives_one_logit_per_image(h, w):
+    d = Discriminator(dim=32, base_size=128).eval()
+    with torch.inference_mode():
+        out = d(torch.rand(3, 1, h, w))
+    assert out.shape == (3,)
+    assert torch.isfinite(out).all()
+
+
+def test_discriminator_scales_use_paper_projection_widths():
+    d = Discriminator(dim=64)
+    assert [p.out_channels for p in d.proj] == [8, 8, 16, 32]
+    assert [p.kernel_size[0] for p in d.proj] == [8, 16, 32, 64]
+    # grid attention with window 8 above 16x16 tokens: a 512 image has 64x64 tokens in stage 1
+    assert d.blocks[0].window == 8
+
+
+def test_brightfield_is_inverted_and_fluorescence_is_not():
+    rng = np.random.default_rng(0)
+    fluo = rng.integers(0, 20, (64, 64)).astype(np.uint8)
+    fluo[20:30, 20:30] = 200
+    bf = (255 - fluo).astype(np.uint8)
+    assert not is_brightfield(to_gray(fluo)) and is_brightfield(to_gray(bf))
+    a, b = normalize(fluo), normalize(np.repeat(bf[..., None], 3, axis=2))
+    assert a[25, 25] > 0.9 and b[25, 25] > 0.9  # nuclei bright in both
+    assert a[5, 5] < 0.2 and b[5, 5] < 0.2
+    assert a.dtype == np.float32 and a.min() >= 0 and a.max() <= 1
+
+
+def test_flat_image_is_not_stretched_into_noise():
+    img = np.full((32, 32), 10, np.uint8)
+    img[0, 0] = 13
+    assert normalize(img).max() < 0.25
+
+
+def _probs_for(labels: np.ndarray, half: int = 2) -> np.ndarray:
+    from nucli.training.targets import class_map
+
+    cm = class_map(labels, half)
+    return np.stack([(cm == k).astype(np.float32) for k in range(3)])
+
+
+def test_postprocess_recovers_touching_nuclei_from_their_class_map():
+    yy, xx = np.mgrid[:80, :80]
+    lab = np.zeros((80, 80), np.int32)
+    lab[(yy - 40) ** 2 + (xx - 28) ** 2 < 14 ** 2] = 1
+    lab[((yy - 40) ** 2 + (xx - 54) ** 2 < 14 ** 2) & (lab == 0)] = 2
+    lab[(yy - 10) ** 2 + (xx - 10) ** 2 < 5 ** 2] = 3
+    pred = instances_from_probs(_probs_for(lab), PostprocessParams(min_area=5))
+    assert pred.max() == 3
+    for k in (1, 2, 3):
+        ids, counts = np.unique(pred[lab == k], return_counts=True)
+        best = ids[np.argmax(counts)]
+        inter = ((pred == best) & (lab == k)).sum()
+        union = ((pred == best) | (lab == k)).sum()
+        assert best > 0 and inter / union > 0.85
+
+
+def test_postprocess_of_empty_map_is_empty():
+    p = np.zeros((3, 20, 20), np.float32)
+    p[0] = 1
+    assert instances_from_probs(p).max() == 0
+
+
+def _tiny_weights(tmp_path, method="gensegnet", params=TINY):
+    from nucli.models.weights_io import save_weights
+
+    gen = Generator(**params["generator"])
+    unet = UNet(tuple(params["unet"]["widths"]))
+    tensors = {f"generator.{k}": v for k, v in gen.state_dict().items()}
+    tensors.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
+    cfg = MethodConfig(name=method, params=dict(params)).to_dict()
+    return save_weights(tmp_path / f"{method}.safetensors", tensors, method, cfg)
+
+
+def test_method_from_weights_runs_on_any_tile_size(tmp_path):
+    from nucli.models.registry import build_method
+
+    path = _tiny_weights(tmp_path)
+    method = build_method("gensegnet", weights=path)
+    tiles = np.random.default_rng(1).integers(0, 255, (2, 45, 61, 3)).astype(np.uint8)
+    raw = method.infer(tiles)
+    assert raw.shape == (2, 3, 45, 61)
+    assert np.allclose(raw.sum(axis=1), 1.0, atol=1e-4)
+    results = method.postprocess(raw)
+    assert len(results) == 2 and results[0].labels.shape == (45, 61) and results[0].labels.dtype == np.int32
+    # enhance -> segment_enhanced gives the same as segment when the enhanced image is kept in float
+    enhanced = method.enhance(tiles)
+    assert enhanced.shape == (2, 45, 61)
+    again = method.postprocess(method.classify(enhanced))
+    assert all(np.array_equal(a.labels, b.labels) for a, b in zip(again, results))
+    # the uint8 round trip used by the run store stays close
+    u8 = method.segment_enhanced((enhanced * 255).round().astype(np.uint8))
+    assert len(u8) == 2 and u8[0].labels.shape == (45, 61)
+
+
+def test_weights_of_another_method_are_a_clear_error(tmp_path):
+    from nucli.models.registry import build_method
+
+    path = _tiny_weights(tmp_path, method="harunet")
+    with pytest.raises(WeightsError, match="harunet"):
+        build_method("gensegnet", weights=path)
+
+
+def test_weights_of_another_shape_are_a_clear_error(tmp_path):
+    from nucli.models.gensegnet.method import build
+    from nucli.models.weights_io import load_weights, save_weights
+
+    path = _tiny_weights(tmp_path)
+    tensors, cfg = load_weights(path, "gensegnet")
+    cfg["params"]["unet"]["widths"] = [4, 8, 32]  # the stored file says 16: shapes cannot match
+    bad = save_weights(tmp_path / "bad.safetensors", tensors, "gensegnet", cfg)
+    with pytest.raises(WeightsError, match="shape|does not fit"):
+        build(MethodConfig(name="gensegnet", params={}), bad)
+
+
+def test_not_a_weights_file_is_a_clear_error(tmp_path):
+    from nucli.models.registry import build_method
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x80\x04not safetensors at all")
+    with pytest.raises(WeightsError):
+        build_method("gensegnet", weights=junk)
+
+
+def test_gensegnet_is_registered_as_default():
+    from nucli.models.registry import DEFAULT_METHOD, get_spec
+
+    spec = get_spec(None)
+    assert DEFAULT_METHOD == "gensegnet" and spec.name == "gensegnet"
+    assert spec.needs_weights and spec.weights_file == "gensegnet_cpu.safetensors"
+    assert spec.config.overlap >= spec.config.max_nucleus_diameter_px
