@@ -52,7 +52,7 @@ SNAP_TOLERANCE = 0.05
 """A target downsample within 5 % of a whole number is snapped to it (no resampling blur)."""
 LEVEL_TOLERANCE = 1e-3
 """Relative slack when comparing a pyramid level's downsample with a target."""
-MAX_READ_PIXELS = 4096 * 4096
+MAX_READ_PIXELS = 2048 * 2048
 """Largest source window read at once; bigger requests are split (results are identical)."""
 PLAUSIBLE_MPP = (0.01, 25.0)
 """Pixel sizes (µm/px) outside this range in a plain image's tags are ignored (e.g. 72 dpi)."""
@@ -544,13 +544,7 @@ class Slide:
         """True for dark-field images (fluorescence): the border of the image is dark."""
         if self._b.background_hint is not None:
             return float(np.mean(self._b.background_hint)) < 80
-        thumb = self._lowres_for_background()
-        h, w = thumb.shape[:2]
-        k = max(1, min(h, w) // 20)
-        border = np.concatenate([
-            thumb[:k].reshape(-1, 3), thumb[-k:].reshape(-1, 3),
-            thumb[:, :k].reshape(-1, 3), thumb[:, -k:].reshape(-1, 3),
-        ])
+        border = self._lowres_for_background().reshape(-1, 3)
         return float(np.median(border.mean(axis=1))) < 80
 
     @cached_property
@@ -562,10 +556,15 @@ class Slide:
         return (0, 0, 0) if self.dark_background else (255, 255, 255)
 
     def _lowres_for_background(self) -> np.ndarray:
-        w0, h0 = self.dimensions
-        d = max(1.0, max(w0, h0) / 256.0)
-        w, h = max(1, int(w0 / d)), max(1, int(h0 / d))
-        return self._read_scaled(0, 0, w, h, d, (255, 255, 255))
+        """Pixels along the border of the coarsest level: 4 x 16 windows of <= 16 x 16 px."""
+        level = self.level_count - 1
+        lw, lh = self._b.level_dimensions[level]
+        k = max(1, min(16, lw // 20 or 1, lh // 20 or 1))
+        blocks = []
+        for t in np.linspace(0.0, 1.0, 16):
+            for x, y in ((t * (lw - k), 0), (t * (lw - k), lh - k), (0, t * (lh - k)), (lw - k, t * (lh - k))):
+                blocks.append(self._read_level_padded(level, int(x), int(y), k, k, (255, 255, 255)).reshape(-1, 3))
+        return np.concatenate(blocks)[None]
 
     def __repr__(self) -> str:
         return (f"Slide({str(self.path)!r}, backend={self.backend}, vendor={self.vendor}, "

@@ -98,6 +98,8 @@ def print_summary(summary: dict[str, Any], *, as_json: bool, quiet: bool, title:
     from rich.table import Table
 
     table = Table(title=title, show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # long paths wrap instead of being cut
     for key, value in summary.items():
         if isinstance(value, float):
             value = f"{value:.4g}"

@@ -4,7 +4,9 @@
 (a pyramid level when one fits, else a resampled read):
 
 * bright-field (light background): tissue score = max(HSV saturation, darkness),
-  darkness = 1 - mean(RGB)/255. Stained tissue is coloured or darker than glass.
+  darkness = 1 - mean(RGB) / glass, where glass is the 99th percentile of mean(RGB)
+  (so a grey-ish scan background still scores ~0). Stained tissue is coloured or
+  darker than the glass.
 * dark-field / fluorescence (dark background, see ``Slide.dark_background``):
   score = brightest channel / 255.
 
@@ -58,7 +60,9 @@ def tissue_score(rgb: np.ndarray, dark_background: bool) -> np.ndarray:
     mx = img.max(axis=2)
     mn = img.min(axis=2)
     sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-    dark = 1.0 - img.mean(axis=2)
+    mean = img.mean(axis=2)
+    glass = max(float(np.percentile(mean, 99.0)), 1.0 / 255.0)
+    dark = np.clip(1.0 - mean / glass, 0.0, 1.0)
     return np.maximum(sat, dark)
 
 
@@ -90,10 +94,7 @@ def mask_from_score(
             mask = keep[labels]
     radius = dilate_um / px_um
     if mask.any() and radius >= 0.5:
-        r = int(math.ceil(radius))
-        yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-        disk = (xx * xx + yy * yy) <= radius * radius
-        mask = ndimage.binary_dilation(mask, structure=disk)
+        mask = ndimage.distance_transform_edt(~mask) <= radius  # grow by a disk of that radius
     return mask
 
 
