@@ -166,3 +166,45 @@ def test_gensegnet_is_registered_as_default():
     assert DEFAULT_METHOD == "gensegnet" and spec.name == "gensegnet"
     assert spec.needs_weights and spec.weights_file == "gensegnet_cpu.safetensors"
     assert spec.config.overlap >= spec.config.max_nucleus_diameter_px
+
+
+def test_enhance_store_writes_enhanced_tiles_and_resumes(tmp_path):
+    from nucli.models.gensegnet.enhance import ARRAY, STAGE, enhance_store, has_enhanced, segment_from_store
+    from nucli.models.registry import build_method
+    from nucli.pipeline import store_from_array, tile_extents
+
+    method = build_method("gensegnet", weights=_tiny_weights(tmp_path))
+    image = np.random.default_rng(2).integers(0, 255, (150, 200, 3)).astype(np.uint8)
+    store = store_from_array(tmp_path / "run.zarr", image, tile_size=128, overlap=16)
+    assert not has_enhanced(store, method)
+    counts = enhance_store(store, method, batch_size=3)
+    assert counts["tiles_enhanced"] == store.n_tiles
+    assert store.done(STAGE).all() and has_enhanced(store, method)
+    arr = store.read(ARRAY, store.n_tiles - 1)
+    assert arr.dtype == np.uint8 and arr.shape == (128, 128)
+    w, h = tile_extents(store)[store.n_tiles - 1]
+    assert not arr[h:, :].any() and not arr[:, w:].any()  # nothing outside the image
+    again = enhance_store(store, method)
+    assert again["tiles_enhanced"] == 0  # resumed: all done
+    res = segment_from_store(store, method, [0], tuple(tile_extents(store)[0]))
+    assert res[0].labels.shape == (128, 128)
+
+
+def test_cli_enhance_image_writes_png_and_refuses_to_overwrite(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from nucli.cli import app
+
+    weights = _tiny_weights(tmp_path)
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3)).astype(np.uint8)).save(img)
+    runner = CliRunner()
+    r = runner.invoke(app, ["enhance", str(img), "--weights", str(weights), "-o", str(tmp_path / "e.png")])
+    assert r.exit_code == 0, r.output
+    out = np.asarray(Image.open(tmp_path / "e.png"))
+    assert out.shape == (40, 50) and out.dtype == np.uint8
+    r = runner.invoke(app, ["enhance", str(img), "--weights", str(weights), "-o", str(tmp_path / "e.png")])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    r = runner.invoke(app, ["enhance", str(tmp_path / "missing.png"), "--weights", str(weights)])
+    assert r.exit_code == 2

@@ -78,10 +78,12 @@ def has_enhanced(store, method) -> bool:
     return meta == stage_settings(method)
 
 
-def segment_tile_from_store(store, method, i: int, extent: tuple[int, int]):
-    """TileResult of tile ``i`` computed from its stored enhanced image."""
+def segment_from_store(store, method, members: list[int], extent: tuple[int, int]):
+    """TileResults of tiles ``members`` (all of in-image size ``extent`` = (w, h)) from their stored
+    enhanced images: only the U-Net and the watershed run. Drop-in for ``method.segment(pixels)``."""
     w, h = int(extent[0]), int(extent[1])
-    return method.segment_enhanced(store.read(ARRAY, i)[None, :h, :w])[0]
+    enhanced = np.stack([store.read(ARRAY, i)[:h, :w] for i in members])
+    return method.segment_enhanced(enhanced)
 
 
 def write_pngs(store, folder: Path) -> int:

@@ -1,0 +1,100 @@
+"""Seconds per 512x512 tile for each GeNSeg-Net stage (enhancement, U-Net, post-processing).
+
+    python benchmarks/bench_gensegnet.py [--weights W] [--threads 2] [--repeats 7] [--bf16] [--channels-last]
+
+Tiles come from the H&E slide and DSB2018 test images in ../shared/data when present
+(real content matters for the watershed), else synthetic blobs. Prints one JSON object:
+the median (and min) over repeats of each stage, per tile, for batch sizes 1 and 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def real_tiles(n: int, size: int = 512) -> np.ndarray:
+    tiles = []
+    slide = DATA / "slides" / "CMU-1-Small-Region.svs"
+    if slide.exists():
+        import tifffile
+
+        img = tifffile.imread(slide)  # 2967 x 2220 RGB, small enough to read whole
+        for y, x in [(1000, 800), (1500, 1200), (400, 600), (2000, 300)]:
+            tiles.append(img[y:y + size, x:x + size, :3])
+    test = DATA / "dsb2018" / "test" / "images"
+    if test.is_dir():
+        from PIL import Image
+
+        for p in sorted(test.glob("*.png")):
+            a = np.asarray(Image.open(p))
+            a = np.repeat(a[..., None], 3, 2) if a.ndim == 2 else a[..., :3]
+            if a.shape[0] >= size and a.shape[1] >= size:
+                tiles.append(a[:size, :size])
+            if len(tiles) >= 2 * n:
+                break
+    if not tiles:
+        from skimage.draw import disk
+
+        rng = np.random.default_rng(0)
+        for _ in range(n):
+            t = np.full((size, size, 3), 230, np.uint8)
+            for _ in range(120):
+                rr, cc = disk(tuple(rng.integers(10, size - 10, 2)), int(rng.integers(5, 12)), shape=(size, size))
+                t[rr, cc] = (90, 60, 140)
+            tiles.append(t)
+    return np.stack(tiles[:n])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both networks")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from nucli.models.registry import build_method
+
+    method = build_method("gensegnet", weights=args.weights)
+    method.bf16 = args.bf16
+    if args.channels_last:
+        method.generator.to(memory_format=torch.channels_last)
+        method.unet.to(memory_format=torch.channels_last)
+    tiles = real_tiles(max(args.batch))
+    result = {"threads": args.threads, "bf16": args.bf16, "channels_last": args.channels_last,
+              "torch": torch.__version__, "tile": list(tiles.shape[1:3]), "per_tile_seconds": {}}
+    for b in args.batch:
+        batch = tiles[:b]
+        method.segment(batch)  # warm-up
+        times: dict[str, list[float]] = {"enhance": [], "unet": [], "postprocess": [], "total": []}
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            e = method.enhance(batch)
+            t1 = time.perf_counter()
+            p = method.classify(e)
+            t2 = time.perf_counter()
+            method.postprocess(p)
+            t3 = time.perf_counter()
+            for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                times[k].append(v / b)
+        result["per_tile_seconds"][f"batch{b}"] = {
+            k: {"median": round(statistics.median(v), 4), "min": round(min(v), 4)} for k, v in times.items()}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
