@@ -2,7 +2,7 @@
 
 Built in the same pass as the other exports: each tile's owned region is
 shrunk into a canvas (longest side at most ``max_side`` px; background where no
-tile was stored is white), then each nucleus' polygon is drawn on top. Meant
+tile was stored -- no tissue -- is grey), then each nucleus' polygon is drawn on top. Meant
 for a person to glance at, not for measuring.
 """
 
@@ -18,6 +18,7 @@ from nucli.export._atomic import AtomicFile
 
 MAX_SIDE = 4096
 CONTOUR_RGB = (0, 255, 0)
+NOT_TILED_RGB = (200, 200, 200)  # areas without a stored tile (no tissue there)
 
 
 class OverlaySink(Sink):
@@ -33,7 +34,8 @@ class OverlaySink(Sink):
         w, h = frame.working_size
         self.scale = min(1.0, self.max_side / float(max(w, h, 1)))  # canvas px per working px
         self.downsample = float(frame.downsample)
-        self.canvas = np.full((max(1, round(h * self.scale)), max(1, round(w * self.scale)), 3), 255, np.uint8)
+        self.canvas = np.full((max(1, round(h * self.scale)), max(1, round(w * self.scale)), 3), NOT_TILED_RGB,
+                              np.uint8)
 
     def add_tile(self, view: Any) -> None:
         c0, r0, c1, r1 = view.core
