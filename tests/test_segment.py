@@ -245,3 +245,48 @@ def test_cmu_lower_resolution_same_positions(cmu_run, cmu_slide):
     errors = _match_errors(b, a, max_dist=6.0)
     assert len(errors) > 0.5 * len(b)
     assert np.median(errors) < 2.0  # level-0 px: below one working px (2 px) of the coarse run
+
+
+# ----------------------------------------------------------------------------- a real kill
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_gives_the_same_output(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    gt = blob_labels(2600, 1800, 3000, seed=12, r=(6, 11), touching_pairs=50)
+    png = write_png(tmp_path / "big.png", render(gt, HE_NUCLEUS, HE_BACKGROUND, seed=12))
+    cmd = [sys.executable, "-c", "from nucli.cli import app; app()", "segment", str(png), "--mpp", "0.5",
+           "--method", "watershed", "--batch-size", "1", "--quiet", "--json"]
+    ref = subprocess.run([*cmd, "-o", str(tmp_path / "ref" / "n.geojson")], capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    n_tiles = RunStore.open(tmp_path / "ref" / "n.nucli.zarr").n_tiles
+
+    out = tmp_path / "run" / "n.geojson"
+    proc = subprocess.Popen([*cmd, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    store_path = tmp_path / "run" / "n.nucli.zarr"
+    killed_at = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = int(RunStore.open(store_path).done("segment").sum())
+        except Exception:  # noqa: BLE001 - the store may not exist yet
+            done = 0
+        if done >= 3:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed_at = done
+            break
+        time.sleep(0.05)
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    done_after_kill = int(RunStore.open(store_path).done("segment").sum())
+    assert done_after_kill < n_tiles
+
+    again = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["tiles_segmented_now"] == n_tiles - done_after_kill
+    assert out.read_bytes() == (tmp_path / "ref" / "n.geojson").read_bytes()
