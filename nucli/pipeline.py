@@ -65,6 +65,12 @@ def pending_tiles(store: RunStore, stage: str = STAGE) -> np.ndarray:
 
 def prepare(store: RunStore, method: Method, overwrite: bool = False) -> None:
     """Record the method's settings (refusing a mix) and create the labels array."""
+    from nucli.errors import StoreError
+
+    if store.has("done/tile") and not store.is_complete("tile"):
+        missing = int((~store.done("tile")).sum())
+        raise StoreError(f"{store.path}: {missing} tiles were never written (tiling was interrupted); "
+                         "rerun `nucli tile` with the same options to finish it")
     store.set_stage_meta(STAGE, method.describe(), overwrite=overwrite)
     if hasattr(store, "init_done"):
         store.init_done(STAGE)
@@ -232,6 +238,8 @@ def store_from_array(
     store.array("index")[:] = index
     store.array("origin")[:] = origin
     store.array("origin_level0")[:] = origin.astype(np.float64) * downsample
+    store.init_done("tile")
+    store.array("done/tile")[:] = 1
     return store
 
 

@@ -290,3 +290,13 @@ def test_sigkill_midway_then_rerun_gives_the_same_output(tmp_path):
     summary = json.loads(again.stdout.strip().splitlines()[-1])
     assert summary["tiles_segmented_now"] == n_tiles - done_after_kill
     assert out.read_bytes() == (tmp_path / "ref" / "n.geojson").read_bytes()
+
+
+def test_unfinished_tiling_is_refused(tmp_path):
+    from nucli.errors import StoreError
+
+    store = store_from_array(tmp_path / "run.zarr", np.full((300, 300, 3), 200, np.uint8), tile_size=128,
+                             overlap=32)
+    store.array("done/tile")[1] = 0
+    with pytest.raises(StoreError, match="nucli tile"):
+        segment_store(store, WatershedMethod(WS_CONFIG), progress=False)
