@@ -311,6 +311,7 @@ def tile_nuclei(
         if poly_w is None:
             continue
         meas = measure(mask, channel[sl], x0=x0, y0=y0, perimeter_w=poly_w.length, polygon_area_w=poly_w.area,
+                       polygon_hull_area_w=poly_w.convex_hull.area,
                        downsample=d, um_per_px=frame.um_per_px, brightfield=frame.brightfield)
         poly0 = shapely.transform(poly_w, lambda c: c * d) if d != 1.0 else poly_w
         score = None

@@ -18,7 +18,7 @@ Columns (CSV name -> GeoJSON ``measurements`` name):
 ``major_axis_*``,          ``Major axis ...``,          axes of the ellipse with the same second
 ``minor_axis_*``           ``Minor axis ...``           moments
 ``eccentricity``           ``Eccentricity``             of that ellipse (0 = circle)
-``solidity``               ``Solidity``                 area / convex-hull area
+``solidity``               ``Solidity``                 polygon area / its convex-hull area
 ``circularity``            ``Circularity``              4π·area / perimeter² of the polygon (1 = circle)
 ``orientation_deg``        ``Orientation °``            major axis angle from +x towards +y (image
                                                         down), in (-90, 90]
@@ -89,6 +89,7 @@ def measure(
     y0: int,
     perimeter_w: float,
     polygon_area_w: float,
+    polygon_hull_area_w: float,
     downsample: float,
     um_per_px: float | None,
     brightfield: bool,
@@ -97,10 +98,9 @@ def measure(
 
     ``mask``: bool (h, w) crop at working resolution whose top-left pixel is at
     working ``(x0, y0)``; ``channel``: the nucleus channel over the same crop;
-    ``perimeter_w`` / ``polygon_area_w``: of the exported polygon, working px.
+    ``perimeter_w`` / ``polygon_area_w`` / ``polygon_hull_area_w``: length, area and convex-hull
+    area of the exported polygon, working px.
     """
-    from skimage.measure import moments_central
-
     mask = np.asarray(mask, bool)
     rr, cc = np.nonzero(mask)
     n = float(len(rr))
@@ -108,11 +108,11 @@ def measure(
     cy_w = float(rr.mean()) + 0.5 + y0
     cx_w = float(cc.mean()) + 0.5 + x0
 
-    mu = moments_central(mask.astype(np.float64), order=2)
-    # skimage: mu[i, j] = sum (row - r̄)^i (col - c̄)^j
-    mxx = mu[0, 2] / n + 1.0 / 12.0  # + the variance of a uniform unit pixel
-    myy = mu[2, 0] / n + 1.0 / 12.0
-    mxy = mu[1, 1] / n
+    # second central moments of the pixel set; + 1/12: the variance of a uniform unit pixel
+    dx, dy = cc - cc.mean(), rr - rr.mean()
+    mxx = float(np.dot(dx, dx)) / n + 1.0 / 12.0
+    myy = float(np.dot(dy, dy)) / n + 1.0 / 12.0
+    mxy = float(np.dot(dx, dy)) / n
     common = math.sqrt(max(((mxx - myy) / 2.0) ** 2 + mxy * mxy, 0.0))
     l1 = (mxx + myy) / 2.0 + common
     l2 = max((mxx + myy) / 2.0 - common, 0.0)
@@ -123,7 +123,8 @@ def measure(
     if orient <= -90.0:
         orient += 180.0
 
-    solidity = _solidity(mask, n)
+    hull_area = polygon_hull_area_w
+    solidity = min(1.0, polygon_area_w / hull_area) if hull_area > 0 else 1.0
     circ = 4.0 * math.pi * polygon_area_w / (perimeter_w * perimeter_w) if perimeter_w > 0 else 0.0
     vals = channel[mask].astype(np.float64)
 
@@ -154,18 +155,6 @@ def measure(
             minor_axis_um=minor * u,
         )
     return out
-
-
-def _solidity(mask: np.ndarray, n: float) -> float:
-    from skimage.morphology import convex_hull_image
-
-    if n < 3:
-        return 1.0
-    try:
-        hull = convex_hull_image(mask)
-    except Exception:  # noqa: BLE001 - degenerate (collinear) pixels: a line is its own hull
-        return 1.0
-    return float(n / max(float(hull.sum()), n))
 
 
 def row_values(nucleus: Any, cols: list[Column], brightfield: bool) -> dict[str, Any]:
