@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from nucli.cli import app
 from nucli.export.geojson import check_qupath_feature, load, qupath_features
 from nucli.models import registry
-from nucli.models.base import Method, MethodConfig, TileResult
+from nucli.models.base import MethodConfig
 from nucli.models.registry import MethodSpec
 from nucli.models.watershed import CONFIG as WS_CONFIG
 from nucli.models.watershed import WatershedMethod
