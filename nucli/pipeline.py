@@ -116,6 +116,8 @@ def write_tile_result(store: RunStore, i: int, result: TileResult, extent: tuple
             if score is not None:
                 row[int(new_id)] = float(score)
         arr[i] = row
+    elif store.has(SCORES):  # left by an earlier method (--overwrite): no stale scores
+        store.write(SCORES, i, np.full(max_scores(t), np.nan, np.float32))
     store.mark_done(STAGE, i)
 
 
