@@ -117,8 +117,9 @@ def tissue_mask(
 ) -> tuple[np.ndarray, float]:
     """Boolean tissue mask of the whole slide and its downsample (level-0 px per mask px).
 
-    ``min_area_um2`` defaults to 1000 µm² for bright-field and 30 µm² for dark-field
-    images (a single fluorescent nucleus is worth keeping). The mask covers
+    ``min_area_um2`` defaults to 100 µm² for bright-field and 30 µm² for dark-field
+    images: about one nucleus, so isolated cells (cytology, fluorescence) are kept
+    while sub-cellular specks are dropped. The mask covers
     ``ceil(W0 / d) x ceil(H0 / d)`` px; mask pixel ``(i, j)`` is level-0 region
     ``[j*d, (j+1)*d) x [i*d, (i+1)*d)``.
     """
@@ -130,7 +131,7 @@ def tissue_mask(
     score = tissue_score(rgb, dark)
     mpp = slide.mpp or ASSUMED_MPP
     if min_area_um2 is None:
-        min_area_um2 = 30.0 if dark else 1000.0
+        min_area_um2 = 30.0 if dark else 100.0
     mask = mask_from_score(score, px_um=mpp * d, min_area_um2=min_area_um2, dilate_um=dilate_um,
                            threshold=threshold)
     log.info("tissue mask %dx%d at downsample %.3g (%s): %.1f %% tissue", w, h, d,
