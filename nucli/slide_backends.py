@@ -1,0 +1,408 @@
+"""Slide readers behind :mod:`nucli.slide`: OpenSlide, tiffslide and plain images.
+
+Each backend reports its levels, pixel size, vendor and associated images, and
+reads an in-bounds region of one level as ``(h, w, 3)`` uint8 RGB. Conversions
+(gray -> RGB, alpha compositing, 16-bit scaling) happen here; choosing a level
+and resampling happen in :class:`nucli.slide.Slide`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from nucli.errors import InputError
+
+log = logging.getLogger("nucli.slide")
+
+PLAUSIBLE_MPP = (0.01, 25.0)
+"""Pixel sizes (µm/px) outside this range in a plain image's tags are ignored (e.g. 72 dpi)."""
+
+
+# ---------------------------------------------------------------------- helpers
+def _composite(rgba: np.ndarray, background: tuple[int, int, int], alpha_max: float = 255.0) -> np.ndarray:
+    """RGB(A) array -> uint8 RGB, alpha composited on ``background``."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3]
+    if np.all(alpha >= alpha_max):
+        return np.ascontiguousarray(rgb, dtype=np.uint8)
+    a = (alpha.astype(np.float32) / alpha_max)[..., None]
+    bg = np.asarray(background, dtype=np.float32)
+    out = rgb.astype(np.float32) * a + bg * (1.0 - a)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _sniff(path: Path) -> str | None:
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:2] == b"BM":
+        return "bmp"
+    return None
+
+
+def _plausible(mpp: float | None) -> float | None:
+    if mpp is None or not math.isfinite(mpp):
+        return None
+    return float(mpp) if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+
+
+# ---------------------------------------------------------------------- backends
+class _Backend:
+    name = "?"
+    vendor: str | None = None
+    mpp: float | None = None
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+    properties: dict[str, Any]
+    background_hint: tuple[int, int, int] | None = None
+
+    def read_level(self, level: int, x: int, y: int, w: int, h: int, background) -> np.ndarray:
+        """In-bounds region of ``level`` in that level's px -> (h, w, 3) uint8."""
+        raise NotImplementedError
+
+    def associated_names(self) -> list[str]:
+        return []
+
+    def associated(self, name: str) -> np.ndarray:
+        raise KeyError(name)
+
+    def close(self) -> None:
+        pass
+
+
+class _OpenSlideBackend(_Backend):
+    name = "openslide"
+
+    def __init__(self, path: Path):
+        import openslide
+
+        self._os = openslide.OpenSlide(str(path))
+        props = dict(self._os.properties)
+        self.properties = props
+        self.vendor = props.get("openslide.vendor")
+        self.level_dimensions = [tuple(map(int, d)) for d in self._os.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._os.level_downsamples]
+        mx, my = props.get("openslide.mpp-x"), props.get("openslide.mpp-y")
+        try:
+            vals = [float(v) for v in (mx, my) if v not in (None, "")]
+        except ValueError:
+            vals = []
+        vals = [v for v in vals if v > 0]
+        self.mpp = float(np.mean(vals)) if vals else None
+        if len(vals) == 2 and abs(vals[0] - vals[1]) > 0.01 * max(vals):
+            log.warning("%s: pixels are not square (mpp-x %s, mpp-y %s); using their mean", path, mx, my)
+        bg = props.get("openslide.background-color")
+        if bg and re.fullmatch(r"[0-9a-fA-F]{6}", bg):
+            self.background_hint = (int(bg[0:2], 16), int(bg[2:4], 16), int(bg[4:6], 16))
+
+    def read_level(self, level, x, y, w, h, background):
+        d = self.level_downsamples[level]
+        x0 = x if level == 0 else int(round(x * d))
+        y0 = y if level == 0 else int(round(y * d))
+        img = self._os.read_region((x0, y0), level, (int(w), int(h)))
+        return _composite(np.asarray(img), background)
+
+    def associated_names(self):
+        return list(self._os.associated_images.keys())
+
+    def associated(self, name):
+        return _composite(np.asarray(self._os.associated_images[name].convert("RGBA")), (255, 255, 255))
+
+    def close(self):
+        self._os.close()
+
+
+class _TiffSlideBackend(_Backend):
+    name = "tiffslide"
+
+    def __init__(self, path: Path):
+        import tiffslide
+
+        self._ts = tiffslide.TiffSlide(str(path))
+        props = dict(self._ts.properties)
+        self.properties = props
+        self.vendor = props.get("tiffslide.vendor")
+        self.level_dimensions = [tuple(map(int, d)) for d in self._ts.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._ts.level_downsamples]
+        vals = [props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")]
+        vals = [float(v) for v in vals if isinstance(v, (int, float)) and v and v > 0]
+        self.mpp = float(np.mean(vals)) if vals else None
+        self._arrays: dict[int, Any] = {}
+
+    def _level_array(self, level: int):
+        if level not in self._arrays:
+            self._arrays[level] = self._ts.zarr_group[str(level)]
+        return self._arrays[level]
+
+    def read_level(self, level, x, y, w, h, background):
+        block = np.asarray(self._level_array(level)[y : y + h, x : x + w])
+        if block.ndim == 2:
+            block = np.repeat(block[..., None], 3, axis=2)
+        if block.shape[2] == 4:
+            return _composite(block, background)
+        return np.ascontiguousarray(block[..., :3], dtype=np.uint8)
+
+    def associated_names(self):
+        return list(self._ts.associated_images.keys())
+
+    def associated(self, name):
+        return np.asarray(self._ts.associated_images[name].convert("RGB"))
+
+    def close(self):
+        self._ts.close()
+
+
+class _ImageBackend(_Backend):
+    """Plain images: TIFF lazily via tifffile+zarr, others decoded once via scikit-image."""
+
+    name = "image"
+
+    def __init__(self, path: Path, kind: str | None):
+        self.path = path
+        self.properties = {}
+        self._tif = None
+        self._levels: list[Any] = []  # arrays (zarr or numpy) per level
+        self._index: Callable[[slice, slice], tuple] = lambda ys, xs: (ys, xs)
+        self._channel_axis_first = False
+        if kind == "tiff":
+            self._open_tiff(path)
+        else:
+            self._open_decoded(path)
+        self.level_dimensions = []
+        self.level_downsamples = []
+        for arr in self._levels:
+            hh, ww = self._yx_shape(arr)
+            self.level_dimensions.append((ww, hh))
+        w0, h0 = self.level_dimensions[0]
+        for ww, hh in self.level_dimensions:
+            self.level_downsamples.append(float((w0 / ww + h0 / hh) / 2.0))
+        self._scale = self._intensity_scale()
+
+    # -- opening
+    def _open_decoded(self, path: Path) -> None:
+        import skimage.io
+
+        try:
+            arr = np.asarray(skimage.io.imread(str(path)))
+        except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
+            raise InputError(f"{path}: cannot decode image ({type(exc).__name__}: {_short(exc)})") from None
+        if arr.ndim == 3 and arr.shape[2] > 4 and arr.shape[0] <= 4:
+            arr = np.moveaxis(arr, 0, -1)
+        self._axes = "YXS" if arr.ndim == 3 else "YX"
+        self._levels = [arr]
+        self._check_channels(arr.shape[2] if arr.ndim == 3 else 1)
+
+    def _open_tiff(self, path: Path) -> None:
+        import tifffile
+        import zarr
+
+        tif = tifffile.TiffFile(str(path))
+        self._tif = tif
+        series = tif.series[0]
+        axes = series.axes
+        shape = series.shape
+        keep = [a for a, n in zip(axes, shape) if n > 1 or a in "YX"]
+        extra = [a for a in keep if a not in "YX"]
+        if "Y" not in axes or "X" not in axes or len(extra) > 1:
+            raise InputError(
+                f"{path}: image has axes {axes} {tuple(shape)}; nucli reads 2-D gray, RGB or RGBA images"
+            )
+        channels = shape[axes.index(extra[0])] if extra else 1
+        self._check_channels(channels)
+        self._channel_axis_first = bool(extra) and axes.index(extra[0]) < axes.index("Y")
+        self._axes = axes
+        for lev in range(len(series.levels)):
+            try:
+                arr = zarr.open_array(series.aszarr(level=lev), mode="r")
+            except Exception:  # noqa: BLE001 - fall back to a full decode of this level
+                arr = series.levels[lev].asarray()
+            self._levels.append(arr)
+        self.mpp = _tiff_mpp(tif)
+
+    def _check_channels(self, channels: int) -> None:
+        if channels not in (1, 2, 3, 4):
+            raise InputError(
+                f"{self.path}: image has {channels} channels; nucli reads gray, RGB or RGBA images "
+                "(export one to three channels first)"
+            )
+        self.channels = channels
+
+    def _yx_shape(self, arr) -> tuple[int, int]:
+        shape = arr.shape
+        if self._tif is None:
+            return int(shape[0]), int(shape[1])
+        return int(shape[self._axes.index("Y")]), int(shape[self._axes.index("X")])
+
+    # -- reading raw blocks as (h, w, C)
+    def _raw(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        arr = self._levels[level]
+        if self._tif is None:
+            block = np.asarray(arr[y : y + h, x : x + w])
+            return block if block.ndim == 3 else block[..., None]
+        idx = []
+        for a, n in zip(self._axes, arr.shape):
+            if a == "Y":
+                idx.append(slice(y, y + h))
+            elif a == "X":
+                idx.append(slice(x, x + w))
+            elif n > 1:
+                idx.append(slice(None))
+            else:
+                idx.append(0)
+        block = np.asarray(arr[tuple(idx)])
+        if block.ndim == 2:
+            return block[..., None]
+        if self._channel_axis_first:
+            block = np.moveaxis(block, 0, -1)
+        return block
+
+    def _sample(self) -> np.ndarray:
+        """Pixels for the intensity scale: the smallest level when small enough, else windows."""
+        level = len(self._levels) - 1
+        w, h = self.level_dimensions[level]
+        if w * h <= 2048 * 2048:
+            return self._raw(level, 0, 0, w, h)
+        win = 128
+        xs = np.linspace(0, max(w - win, 0), 8).astype(int)
+        ys = np.linspace(0, max(h - win, 0), 8).astype(int)
+        return np.concatenate([self._raw(level, x, y, min(win, w), min(win, h)).reshape(-1, self.channels)
+                               for y in ys for x in xs])
+
+    def _intensity_scale(self) -> tuple[float, float] | None:
+        arr = self._levels[0]
+        dtype = np.dtype(arr.dtype)
+        if dtype == np.uint8 or dtype == np.bool_:
+            return None
+        sample = self._sample().reshape(-1, self.channels)
+        color = sample[:, : 3 if self.channels >= 3 else 1].astype(np.float64)
+        lo, hi = np.percentile(color, [0.5, 99.5])
+        if not hi > lo:
+            hi = lo + 1.0
+        log.info("%s: %s image scaled to 8 bits: %.4g -> 0, %.4g -> 255", self.path, dtype, lo, hi)
+        return float(lo), float(hi)
+
+    def read_level(self, level, x, y, w, h, background):
+        block = self._raw(level, x, y, w, h)
+        dtype = block.dtype
+        c = block.shape[2]
+        alpha = None
+        if c in (2, 4):
+            alpha = block[..., -1]
+            block = block[..., :-1]
+            if np.issubdtype(dtype, np.integer):
+                alpha = alpha.astype(np.float32) / float(np.iinfo(dtype).max)
+            else:
+                alpha = np.clip(alpha.astype(np.float32), 0, 1)
+        if dtype == np.bool_:
+            rgb = block.astype(np.uint8) * 255
+        elif self._scale is None:
+            rgb = block.astype(np.uint8, copy=False)
+        else:
+            lo, hi = self._scale
+            rgb = np.clip(np.round((block.astype(np.float32) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+        if rgb.shape[2] == 1:
+            rgb = np.repeat(rgb, 3, axis=2)
+        if alpha is not None:
+            rgba = np.concatenate([rgb.astype(np.float32), (alpha * 255.0)[..., None]], axis=2)
+            return _composite(rgba, background)
+        return np.ascontiguousarray(rgb)
+
+    def close(self):
+        if self._tif is not None:
+            self._tif.close()
+
+
+def _tiff_mpp(tif) -> float | None:
+    """Pixel size from a plain TIFF: OME PhysicalSizeX, ImageJ unit, or resolution tags."""
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+            if m:
+                factor = {"nm": 1e-3, "mm": 1e3, "cm": 1e4}.get(unit.group(1) if unit else "µm", 1.0)
+                return _plausible(float(m.group(1)) * factor)
+        page = tif.pages[0]
+        tags = page.tags
+        xres = tags.get("XResolution")
+        if xres is None:
+            return None
+        num, den = xres.value if isinstance(xres.value, tuple) else (xres.value, 1)
+        px_per_unit = float(num) / float(den or 1)
+        if px_per_unit <= 0:
+            return None
+        if tif.is_imagej:
+            unit = (tif.imagej_metadata or {}).get("unit", "")
+            if unit in ("micron", "um", "µm", "\\u00B5m"):
+                return _plausible(1.0 / px_per_unit)
+            return None
+        runit = tags.get("ResolutionUnit")
+        runit = int(runit.value) if runit is not None else 2
+        if runit == 3:  # centimetre
+            return _plausible(1e4 / px_per_unit)
+        if runit == 2:  # inch
+            return _plausible(25400.0 / px_per_unit)
+    except Exception:  # noqa: BLE001 - metadata is optional; never fail on it
+        log.debug("could not parse TIFF resolution", exc_info=True)
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+class _QuietTifffile(logging.Filter):
+    """Hold back tifffile's own log records while probing a possibly broken file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+    def __enter__(self):
+        logging.getLogger("tifffile").addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("tifffile").removeFilter(self)
+
+
+def _check_tiff_complete(path: Path) -> str | None:
+    """For TIFF-based files: None if every image's data lies inside the file, else why not."""
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        with _QuietTifffile(), tifffile.TiffFile(str(path)) as tif:
+            if not tif.pages:
+                return "no images in the file"
+            for page in tif.pages:
+                offs = getattr(page, "dataoffsets", ()) or ()
+                counts = getattr(page, "databytecounts", ()) or ()
+                end = max((o + c for o, c in zip(offs, counts) if c), default=0)
+                if end > size:
+                    return f"image data ends at byte {end} but the file has {size} bytes"
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for broken files
+        return _short(exc)
+    return None
+
+
+def _needs_conversion(path: Path) -> bool:
+    """True for TIFFs that are not 8-bit RGB(A): read them with the plain-image backend."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tif:
+            page = tif.pages[0]
+            if any(getattr(tif, f"is_{k}", False) for k in ("svs", "ndpi", "scn", "bif", "philips")):
+                return False
+            return not (np.dtype(page.dtype) == np.uint8 and page.samplesperpixel in (3, 4))
+    except Exception:  # noqa: BLE001
+        return False
