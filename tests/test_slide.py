@@ -66,7 +66,10 @@ def test_synthetic_svs_levels_and_regions(svs):
         assert s.dimensions == (2048, 1536)
         assert s.level_dimensions == [(2048, 1536), (512, 384)]
         assert s.mpp == pytest.approx(0.5)
-        assert "label" in s.associated_images
+        assert "label" in s.associated_images and s.associated_images["label"].shape == (40, 60, 3)
+        thumb = s.thumbnail(256)
+        assert thumb.shape == (192, 256, 3)
+        assert np.abs(thumb.astype(int) - tissue.render(0, 0, 256, 192, 8.0)).mean() < 8
         isl = tissue.islands[0]
         x, y = int(isl.cx) - 100, int(isl.cy) - 80
         np.testing.assert_array_equal(s.read_region(x, y, 200, 160), tissue.render(x, y, 200, 160, 1.0))

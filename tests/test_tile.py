@@ -367,3 +367,31 @@ def test_mpp_target_on_a_slide_without_pixel_size_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match=r"x.png has no pixel size in its metadata; pass --mpp"):
         tile_slide(tmp_path / "x.png", tmp_path / "x.zarr", mpp_target=0.5, tile_size=64, overlap=8, progress=False)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_fluorescence_16bit_image_keeps_tiles_around_the_nuclei(tmp_path):
+    import tifffile
+
+    img = np.full((1500, 1500), 300, np.uint16)  # dark background
+    yy, xx = np.mgrid[0:1500, 0:1500]
+    for cx, cy in [(200, 200), (230, 260), (1300, 1250)]:
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 <= 12**2] = 9000  # bright nuclei
+    tifffile.imwrite(tmp_path / "dapi.tif", img)
+    store = tile_slide(tmp_path / "dapi.tif", tmp_path / "f.zarr", mpp=0.5, mpp_target=0.5, tile_size=256,
+                       overlap=32, progress=False)
+    m = store.meta
+    assert m["background"] == [0, 0, 0] and m["source"]["backend"] == "image"
+    kept = {tuple(map(int, rc)) for rc in store.indices()}
+    grid = store.grid
+    for rc in grid.all_tiles():
+        x, y = grid.origin(*rc)
+        near = any(x - 70 <= cx < x + 256 + 70 and y - 70 <= cy < y + 256 + 70
+                   for cx, cy in [(200, 200), (230, 260), (1300, 1250)])
+        touching = any(x <= cx < x + 256 and y <= cy < y + 256 for cx, cy in [(200, 200), (230, 260), (1300, 1250)])
+        if touching:
+            assert rc in kept
+        if not near:
+            assert rc not in kept
+    i = next(i for i, rc in enumerate(store.indices()) if tuple(rc) == (0, 0))
+    tile = store.read_tile(i)
+    assert tuple(tile[200, 200]) == (255, 255, 255) and tuple(tile[100, 100]) == (0, 0, 0)
