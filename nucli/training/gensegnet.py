@@ -40,9 +40,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "generator": {"channels": 16, "n_down": 2, "n_blocks": 9, "max_channels": 48, "input_skip": True},
         "discriminator": {"dim": 128, "patch": 8, "base_size": 256, "heads": 4, "window": 8},
         "unet": {"widths": [16, 32, 64, 128]},
-        "crop": 256, "batch": 6, "epochs": 17,
+        "crop": 256, "batch": 6, "epochs": 11.5,
         "gan": {"lr": 4e-4, "lam": 0.01},
-        "unet_train": {"lr": 1e-3, "epochs": 10},
+        "unet_train": {"lr": 1e-3, "epochs": 4},
         "finetune": {"lr": 2e-4, "epochs": 3},
     },
 }
@@ -262,6 +262,30 @@ def tune_postprocess(probs: list[np.ndarray], labels: list[np.ndarray], start: d
         if not changed:
             break
     return cur, best_m
+
+
+def assemble_raw(out_dir: Path, preset_name: str, val_dir: Path | None) -> dict[str, Any]:
+    """Export the ablation (U-Net trained on raw gray images, no enhancement), thresholds tuned on val."""
+    import json
+
+    from nucli.models.gensegnet.generator import PassThrough
+    from nucli.models.gensegnet.method import GenSegNet
+    from nucli.training.data import load_dataset
+    from nucli.training.loop import load_module
+
+    out_dir = Path(out_dir)
+    _, _, unet = build_networks(PRESETS[preset_name])
+    load_module(out_dir / "raw.best.safetensors", unet)
+    gen = PassThrough()
+    val = load_dataset(val_dir, out_dir / "cache") if val_dir else []
+    cfg = method_config(preset_name, extra={"generator": None, "segmentation_stage": "raw"})
+    params, metrics = (tune_postprocess(_val_probs(GenSegNet(cfg, gen, unet), val), [s.labels for s in val])
+                       if val else (dict(cfg.params["postprocess"]), {}))
+    cfg = method_config(preset_name, params, {"generator": None, "segmentation_stage": "raw"})
+    weights = export_weights(out_dir / f"gensegnet_{preset_name}_noenhance.safetensors", gen, unet, cfg)
+    summary = {"weights": str(weights), "postprocess": params, "val": metrics}
+    (out_dir / f"gensegnet_{preset_name}_noenhance.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
 
 
 def assemble(out_dir: Path, preset_name: str, val_dir: Path | None, unet_stage: str | None = None,

@@ -98,6 +98,15 @@ class Generator(nn.Module):
         return torch.sigmoid(self.tail(f))
 
 
+class PassThrough(nn.Module):
+    """No enhancement: returns its input (the segmentation-stage-alone ablation)."""
+
+    stride = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 def pad_to(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad (B, C, H, W) at the bottom/right to multiples of ``multiple``; returns the original (H, W)."""
     h, w = x.shape[-2:]

@@ -94,12 +94,16 @@ def _check_tiles(tiles: np.ndarray) -> np.ndarray:
 
 
 def networks_from_params(params: dict[str, Any]):
-    """Build (generator, unet) from the architecture recorded in a config's params."""
-    from nucli.models.gensegnet.generator import Generator
+    """Build (generator, unet) from the architecture recorded in a config's params.
+
+    ``generator: null`` builds the segmentation stage alone (the ablation without
+    enhancement): the U-Net then sees the normalised gray image itself.
+    """
+    from nucli.models.gensegnet.generator import Generator, PassThrough
     from nucli.models.gensegnet.unet import UNet
 
     try:
-        gen = Generator(**params["generator"])
+        gen = PassThrough() if params.get("generator") is None else Generator(**params["generator"])
         unet = UNet(tuple(params["unet"]["widths"]))
     except (KeyError, TypeError) as exc:
         raise WeightsError(f"gensegnet config lacks a valid network description ({exc})") from None
@@ -115,14 +119,8 @@ def build(config: MethodConfig, weights_path: Path | None, device: str = "cpu") 
     if weights_path is None:
         raise WeightsError("gensegnet needs weights; pass --weights FILE or reinstall nucli (shipped weights missing)")
     tensors, stored = load_weights(Path(weights_path), METHOD)
-    params = dict(config.params)
-    stored_params = dict(stored.get("params") or {})
-    # the network and its tuned thresholds travel with the weights file
-    for key in ("generator", "unet", "postprocess", "preset"):
-        if key in stored_params:
-            params[key] = stored_params[key]
-    if "postprocess" in config.params and config.params.get("postprocess_override"):
-        params["postprocess"] = config.params["postprocess"]
+    # the network, its tuned thresholds and its preset travel with the weights file
+    params = {**config.params, **dict(stored.get("params") or {})}
     data = config.to_dict()
     data["params"] = params
     config = MethodConfig.from_dict(data)
