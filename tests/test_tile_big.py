@@ -22,7 +22,12 @@ CHILD = textwrap.dedent(
 
     rep = run_tiling(Path(sys.argv[1]), Path(sys.argv[2]), mpp_target=0.5, tile_size=512, overlap=64,
                      progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # peak resident memory of this process since exec (ru_maxrss would include the parent's at fork)
+    try:
+        status = open("/proc/self/status").read()
+        peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     print(json.dumps({"peak_rss": peak, "tiles": rep.n_tiles, "grid_tiles": rep.grid_tiles,
                       "seconds": rep.seconds}))
     """
