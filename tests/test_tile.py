@@ -345,6 +345,23 @@ def test_unwritable_output_on_a_read_only_filesystem(slide):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
+def test_missing_output_folders_are_created(slide, tmp_path):
+    out = tmp_path / "a" / "b" / "run.zarr"
+    store = tile_slide(slide[0], out, mpp_target=0.5, tile_size=256, overlap=32, progress=False)
+    assert store.is_complete("tile") and out.is_dir()
+
+
+def test_a_failed_creation_leaves_nothing(slide, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RunStore, "create", full_disk)
+    with pytest.raises(InputError, match="No space left on device"):
+        tile_slide(slide[0], tmp_path / "new" / "run.zarr", mpp_target=0.5, tile_size=256, overlap=32,
+                   progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_output_that_is_not_a_store(slide, tmp_path):
     out = tmp_path / "run.zarr"
     out.write_text("keep me")

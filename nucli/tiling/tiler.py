@@ -324,6 +324,10 @@ def _create_store(out: Path, meta: dict[str, Any], grid: TileGrid, tiles: list[t
                   ds: float, overwrite: bool) -> RunStore:
     """Plan the store in a temp dir beside ``out`` and move it into place."""
     tmp = _temp_path(out, "partial")
+    created = out.parent
+    while not created.parent.exists():
+        created = created.parent
+    created = None if created.exists() else created  # the top folder this run creates, if any
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(out)
@@ -349,12 +353,18 @@ def _create_store(out: Path, meta: dict[str, Any], grid: TileGrid, tiles: list[t
         else:
             os.replace(tmp, out)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _undo(tmp, created)
         raise InputError(f"cannot write the run store {out}: {exc.strerror or exc}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _undo(tmp, created)
         raise
     return RunStore.open(out, mode="r+")
+
+
+def _undo(tmp: Path, created: Path | None) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- tile loop
