@@ -274,7 +274,9 @@ def _tile_source(source, store_path, *, method: Method, mpp, mpp_target, tile_si
             "tiling a slide is not available in this build; give a run store made by `nucli tile`"
         ) from None
     cfg = method.config
-    kwargs = dict(mpp=mpp, mpp_target=mpp_target or cfg.mpp, method=method.name,
+    # mpp_target stays None unless the user gave it: the tiler then takes the method's
+    # default and, for a slide without a pixel size, works at native resolution.
+    kwargs = dict(mpp=mpp, mpp_target=mpp_target, method=method.name,
                   tile_size=tile_size or cfg.tile_size, overlap=cfg.overlap if overlap is None else overlap,
                   tissue_mask=tissue_mask, progress=progress)
     try:
