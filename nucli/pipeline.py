@@ -10,8 +10,12 @@ moment resumes where it stopped. The method's settings are recorded with
 ``store.set_stage_meta('segment', method.describe())``: a rerun with another
 method or other settings is refused unless ``overwrite``.
 
-The whole loop is :func:`segment_store`; a parallel runner replaces exactly
-this function and keeps the per-tile contract (:func:`write_tile_result`).
+The loop is :func:`segment_store`: it plans batches of pending tiles and
+hands them, with :class:`SegmentJob` (load -> ``method.infer`` ->
+``method.postprocess`` + :func:`write_tile_result`), to a runner from
+:mod:`nucli.parallel` (serial with overlapping threads by default; Dask local,
+an existing scheduler or SLURM when asked). ``shard='i/n'`` processes only
+every n-th tile so independent processes can fill one store.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -104,7 +108,7 @@ def write_tile_result(store: RunStore, i: int, result: TileResult, extent: tuple
         n = int(seq.max())
         if n >= k:
             raise ProcessingError(f"tile {i}: {n} nuclei in one tile exceeds {k - 1}; use a smaller --tile-size")
-        arr = store.ensure_array(SCORES, (k,), "float32", fill_value=float("nan"))
+        arr = _ensure_shared_array(store, SCORES, (k,), "float32", float("nan"))
         row = np.full(k, np.nan, np.float32)
         # map the method's label ids to the sequential ids written above
         orig = labels.ravel()
@@ -119,6 +123,16 @@ def write_tile_result(store: RunStore, i: int, result: TileResult, extent: tuple
     elif store.has(SCORES):  # left by an earlier method (--overwrite): no stale scores
         store.write(SCORES, i, np.full(max_scores(t), np.nan, np.float32))
     store.mark_done(STAGE, i)
+
+
+def _ensure_shared_array(store: RunStore, name: str, tile_shape: tuple[int, ...], dtype: str, fill_value):
+    """``store.ensure_array`` that tolerates another worker creating the same array at the same moment."""
+    try:
+        return store.ensure_array(name, tile_shape, dtype, fill_value=fill_value)
+    except Exception:
+        if store.has(name):  # created meanwhile by a concurrent writer
+            return store.ensure_array(name, tile_shape, dtype, fill_value=fill_value)
+        raise
 
 
 @contextmanager
@@ -143,9 +157,38 @@ def track(total: int, description: str, enabled: bool = True, unit: str = "tiles
         yield lambda n: bar.advance(task, n)
 
 
-def _batches(items: np.ndarray, size: int) -> Iterable[np.ndarray]:
-    for k in range(0, len(items), size):
-        yield items[k : k + size]
+def _segments_whole(method: Method) -> bool:
+    """A method that overrides ``segment`` itself cannot be split into infer/postprocess."""
+    return type(method).segment is not Method.segment
+
+
+class SegmentJob:
+    """One batch of ``segment``: read tiles -> model -> post-process + write (see :class:`nucli.parallel.TileJob`)."""
+
+    stage = STAGE
+
+    def load(self, store: RunStore, batch) -> np.ndarray:
+        w, h = batch.extent
+        return np.stack([store.read_tile(i)[:h, :w] for i in batch.members])
+
+    def compute(self, method: Method, pixels: np.ndarray):
+        if _segments_whole(method):
+            return "results", method.segment(pixels)
+        return "raw", method.infer(pixels)
+
+    def finish(self, store: RunStore, method: Method, batch, computed) -> None:
+        kind, value = computed
+        results = method.postprocess(value) if kind == "raw" else value
+        if len(results) != len(batch.members):
+            raise ProcessingError(
+                f"method '{method.name}' returned {len(results)} results for {len(batch.members)} tiles"
+            )
+        for i, result in zip(batch.members, results):
+            write_tile_result(store, i, result, batch.extent)
+
+    def run(self, store: RunStore, method: Method, batch) -> int:
+        self.finish(store, method, batch, self.compute(method, self.load(store, batch)))
+        return len(batch.members)
 
 
 def segment_store(
@@ -156,35 +199,47 @@ def segment_store(
     overwrite: bool = False,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    runner=None,
+    recipe=None,
+    shard=None,
+    lock: bool = True,
 ) -> SegmentStats:
-    """Segment every tile of ``store`` that is not done yet (serial runner)."""
-    start = time.perf_counter()
-    prepare(store, method, overwrite=overwrite)
-    todo = pending_tiles(store)
-    total = store.n_tiles
-    done_before = total - len(todo)
-    extents = tile_extents(store)
-    bs = int(batch_size or method.config.batch_size or 1)
-    log.info("segment: %d of %d tiles to do (batch %d)", len(todo), total, bs)
+    """Segment every tile of ``store`` that is not done yet.
 
-    with track(total=len(todo), description=f"Segmenting ({method.name})", enabled=progress) as advance:
-        for batch in _batches(todo, bs):
-            # group tiles of equal in-image extent: a method sees no padding
-            groups: dict[tuple[int, int], list[int]] = {}
-            for i in batch:
-                groups.setdefault(tuple(int(v) for v in extents[i]), []).append(int(i))
-            for (w, h), members in groups.items():
-                pixels = np.stack([store.read_tile(i)[:h, :w] for i in members])
-                results = method.segment(pixels)
-                if len(results) != len(members):
-                    raise ProcessingError(
-                        f"method '{method.name}' returned {len(results)} results for {len(members)} tiles"
-                    )
-                for i, result in zip(members, results):
-                    write_tile_result(store, i, result, (w, h))
-                    advance(1)
-            if on_batch is not None:
-                on_batch(len(batch))
+    ``runner`` (:class:`nucli.parallel.Runner`, default serial) decides where the
+    batches run; Dask runners build the method on each worker from ``recipe``
+    (:class:`nucli.parallel.MethodRecipe`) or receive ``method`` once per worker.
+    ``shard`` ('i/n' or :class:`nucli.parallel.Shard`) limits the run to every
+    n-th tile. The store is locked against a second writer without ``--shard``
+    (``lock=False`` skips that). ``on_batch(n)`` is called after each finished batch.
+    """
+    from nucli.parallel import Runner, Shard, StoreLock, plan_batches, setup_lock
+
+    start = time.perf_counter()
+    shard = Shard.parse(shard)
+    runner = runner or Runner.serial()
+    guard = StoreLock(store.path, shard) if lock else nullcontext()
+    with guard:
+        with setup_lock(store.path):
+            if hasattr(store, "reload"):
+                store.reload()  # another process may have set up the stage meanwhile
+            prepare(store, method, overwrite=overwrite)
+        todo = pending_tiles(store)
+        total = store.n_tiles
+        done_before = total - len(todo)
+        if shard is not None:
+            todo = shard.select(todo)
+        bs = int(batch_size or method.config.batch_size or 1)
+        batches = plan_batches(todo, tile_extents(store), bs)
+        log.info("segment: %d of %d tiles to do (batch %d%s, %s)", len(todo), total, bs,
+                 f", shard {shard}" if shard else "", runner.describe())
+        with track(total=len(todo), description=f"Segmenting ({method.name})", enabled=progress) as advance:
+            def step(n: int) -> None:
+                advance(n)
+                if on_batch is not None:
+                    on_batch(n)
+
+            runner.run(store, SegmentJob(), method, batches, recipe=recipe, advance=step)
     return SegmentStats(total, done_before, len(todo), time.perf_counter() - start)
 
 
@@ -306,19 +361,37 @@ def segment_to_outputs(
     overwrite: bool = False,
     progress: bool = True,
     device: str = "cpu",
+    runner=None,
+    shard=None,
 ) -> dict:
-    """``nucli segment``: tile (if given a slide), segment, stitch, export. Returns the summary."""
+    """``nucli segment``: tile (if given a slide), segment, stitch, export. Returns the summary.
+
+    ``runner`` (:func:`nucli.parallel.make_runner`) says where tiles are segmented.
+    With ``shard='i/n'`` the source must be a run store and ``output`` None: only
+    that shard's tiles are segmented (no stitch; run ``nucli stitch`` once all
+    shards have finished).
+    """
     from pathlib import Path
 
     from nucli.errors import UsageError
     from nucli.export import check_outputs, default_store_path, resolve_outputs
     from nucli.models.registry import build_method
+    from nucli.parallel import MethodRecipe, Shard
 
     start = time.perf_counter()
-    source, output = Path(source), Path(output)
+    shard = Shard.parse(shard)
+    source = Path(source)
+    if shard is not None:
+        return _segment_shard(source, shard, method=method, weights=weights, batch_size=batch_size, output=output,
+                              formats=formats, overlay=overlay, overwrite=overwrite, progress=progress,
+                              device=device, runner=runner)
+    if output is None:
+        raise UsageError("-o/--output is required: the GeoJSON file to write (or use --shard i/n on a run store)")
+    output = Path(output)
     outputs = resolve_outputs(output, formats)
     check_outputs([*outputs.values(), *([Path(overlay)] if overlay else [])], overwrite)
     m = build_method(method, weights=weights, device=device)
+    recipe = MethodRecipe.create(m.name, weights, device) if runner is not None and runner.is_dask else None
 
     if is_run_store(source):
         ignored = [n for n, v in (("--mpp", mpp), ("--mpp-target", mpp_target), ("--tile-size", tile_size),
@@ -338,12 +411,48 @@ def segment_to_outputs(
         log.warning("tile overlap %d px is below the method's largest nucleus (%d px); large nuclei will stop "
                     "the stitch (re-tile with a larger --overlap)", run_store.overlap,
                     m.config.max_nucleus_diameter_px)
-    seg = segment_store(run_store, m, batch_size=batch_size, overwrite=overwrite, progress=progress)
+    seg = segment_store(run_store, m, batch_size=batch_size, overwrite=overwrite, progress=progress,
+                        runner=runner, recipe=recipe)
     summary = stitch_to_outputs(run_store, outputs, overlay=overlay, progress=progress)
     summary["method"] = m.name
     summary["tiles_segmented_now"] = seg.tiles_segmented
+    summary["runner"] = runner.describe() if runner is not None else "serial"
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
+
+
+def _segment_shard(source, shard, *, method, weights, batch_size, output, formats, overlay, overwrite, progress,
+                   device, runner) -> dict:
+    """``nucli segment RUN.zarr --shard i/n``: segment this shard's tiles only; the summary."""
+    from nucli.errors import UsageError
+    from nucli.models.registry import build_method
+    from nucli.parallel import MethodRecipe
+
+    start = time.perf_counter()
+    if output is not None or formats or overlay is not None:
+        raise UsageError(f"--shard segments only its share of the tiles; leave out -o/--format/--overlay and run "
+                         f"`nucli stitch {source} -o OUT.geojson` once every shard has finished")
+    if not is_run_store(source):
+        raise UsageError(f"--shard needs a run store: tile once with `nucli tile {source} -o RUN.zarr`, "
+                         "then run every shard on RUN.zarr")
+    m = build_method(method, weights=weights, device=device)
+    recipe = MethodRecipe.create(m.name, weights, device) if runner is not None and runner.is_dask else None
+    store = RunStore.open(source, mode="r+")
+    seg = segment_store(store, m, batch_size=batch_size, overwrite=overwrite, progress=progress, runner=runner,
+                        recipe=recipe, shard=shard)
+    done = int(store.done(STAGE).sum())
+    return {
+        "store": str(source),
+        "method": m.name,
+        "shard": str(shard),
+        "tiles": seg.tiles_total,
+        "tiles_in_shard": int(len(shard.select(np.arange(seg.tiles_total)))),
+        "tiles_segmented_now": seg.tiles_segmented,
+        "tiles_done_in_store": done,
+        "complete": done == seg.tiles_total,
+        "runner": runner.describe() if runner is not None else "serial",
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def stitch_to_outputs(store: RunStore, outputs: dict, *, overlay=None, progress: bool = True) -> dict:

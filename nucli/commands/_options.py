@@ -39,7 +39,14 @@ TissueMask = Annotated[
     bool,
     typer.Option("--tissue-mask/--no-tissue-mask", help="Skip tiles without tissue."),
 ]
-Workers = Annotated[int, typer.Option("--workers", min=1, help="Local worker processes/threads.")]
+Workers = Annotated[
+    Optional[int],
+    typer.Option("--workers", min=1, help="Run on a local Dask cluster of this many worker processes "
+                 "(with --cluster slurm: workers to start)."),
+]
+Threads = Annotated[
+    Optional[int], typer.Option("--threads", min=1, help="Threads per Dask worker (default 1).")
+]
 Scheduler = Annotated[
     Optional[str],
     typer.Option("--scheduler", help="Address of an existing dask.distributed scheduler (tcp://host:port)."),

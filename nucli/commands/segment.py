@@ -29,7 +29,7 @@ OverlayPath = Annotated[
 @handle_errors
 def run(
     source: InputPath,
-    output: opt.Output,
+    output: opt.OptOutput = None,
     method: opt.Method = None,
     store: StorePath = None,
     formats: Formats = None,
@@ -44,19 +44,31 @@ def run(
     overlap: opt.Overlap = None,
     tissue_mask: opt.TissueMask = True,
     overwrite: opt.Overwrite = False,
+    workers: opt.Workers = None,
+    threads: opt.Threads = None,
+    scheduler: opt.Scheduler = None,
+    cluster: opt.Cluster = None,
+    cluster_config: opt.ClusterConfig = None,
+    shard: opt.Shard = None,
     quiet: opt.Quiet = False,
     json_summary: opt.JsonSummary = False,
 ) -> None:
     """Find every nucleus: tile the slide (if needed), segment each tile, stitch, export.
 
     A rerun continues where an interrupted run stopped (finished tiles are kept in the run store).
+    --workers/--scheduler/--cluster spread the tiles over Dask workers; --shard i/n on a run store
+    segments every n-th tile only (for HPC job arrays; run `nucli stitch` once all shards are done).
     """
     from nucli.commands._common import print_summary
+    from nucli.parallel import make_runner
     from nucli.pipeline import segment_to_outputs
 
-    summary = segment_to_outputs(
-        source, output, method=method, store=store, formats=list(formats or []), overlay=overlay,
-        weights=weights, batch_size=batch_size, mpp=mpp, mpp_target=mpp_target, tile_size=tile_size,
-        overlap=overlap, tissue_mask=tissue_mask, overwrite=overwrite, progress=not (quiet or json_summary),
-    )
+    with make_runner(workers=workers, threads=threads, scheduler=scheduler, cluster=cluster,
+                     cluster_config=cluster_config) as runner:
+        summary = segment_to_outputs(
+            source, output, method=method, store=store, formats=list(formats or []), overlay=overlay,
+            weights=weights, batch_size=batch_size, mpp=mpp, mpp_target=mpp_target, tile_size=tile_size,
+            overlap=overlap, tissue_mask=tissue_mask, overwrite=overwrite, progress=not (quiet or json_summary),
+            runner=runner, shard=shard,
+        )
     print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli segment")

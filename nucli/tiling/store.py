@@ -110,6 +110,10 @@ class RunStore:
             )
         return cls(path, g)
 
+    def reload(self) -> None:
+        """Re-read the group (metadata written by another process since this one opened it)."""
+        self._g = _zarr().open_group(store=str(self.path), mode="r" if self._g.read_only else "r+")
+
     # ------------------------------------------------------------------ metadata
     @property
     def meta(self) -> dict[str, Any]:
