@@ -594,3 +594,38 @@ def test_registry_lists_mcf():
 
     spec = available()["mcf"]
     assert spec.needs_weights and spec.config.name == "mcf"
+
+
+# ---------------------------------------------------------------- CLI
+def test_train_cli_mcf_needs_one_template_source(tmp_path):
+    from typer.testing import CliRunner
+
+    from nucli.cli import app
+
+    d = make_labelled_dir(tmp_path / "set", n_images=1)
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--method", "mcf", "--data", str(d), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "--templates" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["train", "--method", "mcf", "--data", str(d), "-o", str(tmp_path / "out2"),
+                              "--templates", str(tmp_path / "t.geojson"), "--from-labels", str(d)])
+    assert res.exit_code == 1 and "one of them" in res.output
+    (tmp_path / "t.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    res = runner.invoke(app, ["train", "--method", "mcf", "--data", str(d), "-o", str(tmp_path / "out3"),
+                              "--templates", str(tmp_path / "t.geojson")])
+    assert res.exit_code == 1 and "--template-image" in res.output
+
+
+def test_export_detection_only(tmp_path):
+    from nucli.models.mcf.bank import Bank
+    from nucli.models.mcf.method import export_detection_only, save_mcf_weights
+    from nucli.models.mcf.segnet import build_unet
+    from nucli.models.registry import build_method
+    from nucli.models.weights_io import load_weights
+
+    timg, _ = disc_image((64, 64), [(32, 32)], 6, seed=1)
+    bank = Bank.build([template_from(timg, 32, 32, 12)], small_params(k=1))
+    full = save_mcf_weights(tmp_path / "f.safetensors", bank, build_unet((4, 8)), params={"unet": {"widths": [4, 8]}})
+    det = export_detection_only(full, tmp_path / "d.safetensors")
+    tensors, cfg = load_weights(det, "mcf")
+    assert cfg["params"]["mode"] == "detection" and not any(k.startswith("unet.") for k in tensors)
+    assert build_method("mcf", weights=det).unet is None

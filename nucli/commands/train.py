@@ -29,6 +29,14 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints in OUTDIR.")] = False,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="gensegnet: also fine-tune the U-Net on generator outputs (kept only if better on val).")] = True,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads.")] = None,
+    # --- mcf only (templates instead of labels) ---
+    templates: Annotated[Optional[Path], typer.Option("--templates", help="mcf: folder of nucleus crops, or a GeoJSON of points/boxes (with --template-image).")] = None,
+    template_image: Annotated[Optional[Path], typer.Option("--template-image", help="mcf: the image a --templates GeoJSON was drawn on.")] = None,
+    template_diameter: Annotated[Optional[float], typer.Option("--template-diameter", min=1.0, help="mcf: nucleus diameter (px) for GeoJSON points without one.")] = None,
+    from_labels: Annotated[Optional[Path], typer.Option("--from-labels", help="mcf: draw --n template nuclei from this labelled set (experiments).")] = None,
+    n_templates: Annotated[int, typer.Option("--n", min=1, help="mcf: number of nuclei drawn by --from-labels.")] = 10,
+    seed: Annotated[int, typer.Option("--seed", help="mcf: seed of the --from-labels draw and of training.")] = 0,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="mcf: mutual-complementing rounds.")] = 3,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_summary: JsonSummary = False,
@@ -47,6 +55,18 @@ def run(
         for f in output.glob("*.ckpt.safetensors"):
             f.unlink()
     output.mkdir(parents=True, exist_ok=True)
+    if name == "mcf":  # templates instead of labels: its own option checks and procedure
+        from nucli.models.mcf.train_cli import train_from_options
+
+        with _progress(quiet) as progress:
+            summary = train_from_options(data, output, templates=templates, template_image=template_image,
+                                         template_diameter=template_diameter, from_labels=from_labels,
+                                         n=n_templates, seed=seed, rounds=rounds, val=val, resume=resume,
+                                         threads=threads, progress=progress)
+        print_summary({"weights": summary["weights"], "detection-only weights": summary["weights_detection_only"],
+                       "templates": summary["templates"], "wall seconds": summary["wall_s"]},
+                      as_json=json_summary, quiet=quiet, title="nucli train")
+        return
     if name != "gensegnet":
         raise UsageError(f"`nucli train` supports --method gensegnet in this version, not '{name}'")
 

@@ -129,13 +129,15 @@ def detect_all(bank: Any, images: list[Image], settings: TrainSettings,
     from nucli.models.mcf.features import prepare
 
     patch = bank.detector.middle_filter_px
-    out = []
-    for i, im in enumerate(images):
-        det = bank.detector.detect(prepare(read_image(im.path)))
+    out: list[dict[str, Any]] = [{} for _ in images]
+    # images of one size share the filters' spectra: visit them size by size
+    order = sorted(range(len(images)), key=lambda i: images[i].grey.shape)
+    for done, i in enumerate(order, start=1):
+        det = bank.detector.detect(prepare(read_image(images[i].path)))
         target = pseudo_target(det.response, det.centres, patch, settings.t1, settings.dlt_ratio, settings.bg_guard)
-        out.append({"response": det.response.astype(np.float16), "centres": det.centres, "target": target})
+        out[i] = {"response": det.response.astype(np.float16), "centres": det.centres, "target": target}
         if progress:
-            progress("detect", i + 1, len(images))
+            progress("detect", done, len(images))
     return out
 
 
@@ -375,6 +377,19 @@ def round_metrics(images: list[Image], dets: list[dict[str, Any]], p1s: list[np.
 
 
 # ---------------------------------------------------------------- the procedure
+def _named(progress: Callable[[str, int, int], None] | None, name: str) -> Callable[[str, int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda _stage, done, total: progress(name, done, total)
+
+
+def _stage_progress(progress: Callable[[str, int, int], None] | None, name: str
+                    ) -> Callable[[int, int, dict[str, float]], None] | None:
+    if progress is None:
+        return None
+    return lambda step, total, _parts: progress(name, step, total)
+
+
 def _write_round(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record, default=float) + "\n")
@@ -435,17 +450,17 @@ def train_mcf(
     rounds_log = out_dir / "rounds.jsonl"
     for r in range(start, s.rounds + 1):
         t0 = time.time()
-        dets = detect_all(bank, images, s, progress)
+        dets = detect_all(bank, images, s, _named(progress, f"round {r} detection"))
         targets = [d["target"] for d in dets]
         synthetic = SyntheticSource(images, targets, seed=s.seed + 1000 * r)
         train_stage(net, images, targets, s, s.steps(s.seg_steps, r), s.lr, out_dir, f"round{r}_seg",
-                    s.seed + r, synthetic, resume)
+                    s.seed + r, synthetic, resume, _stage_progress(progress, f"round {r} segmentation"))
         p1s = predict_all(net, images)
         from nucli.models.mcf.confidence import self_target
 
         self_targets = [self_target(p.astype(np.float32), s.t2, s.t3) for p in p1s]
         train_stage(net, images, self_targets, s, s.steps(s.self_steps, r), s.self_lr, out_dir, f"round{r}_self",
-                    s.seed + 100 + r, None, resume)
+                    s.seed + 100 + r, None, resume, _stage_progress(progress, f"round {r} self-finetuning"))
         p1s = predict_all(net, images)
         record: dict[str, Any] = {"round": r, "templates": len(bank.templates)}
         m = round_metrics(images, dets, p1s, s.metrics_limit)

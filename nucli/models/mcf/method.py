@@ -197,3 +197,19 @@ def build(config: MethodConfig, weights_path: Path | None, device: str = "cpu") 
     data["name"] = NAME
     data["params"] = params
     return MCFMethod(MethodConfig.from_dict(data), bank, unet, device=str(device))
+
+
+def export_detection_only(weights: Path, out: Path) -> Path:
+    """The same template bank without the U-Net: the detection branch alone ('-seg.' ablation)."""
+    import json
+
+    from nucli.models.weights_io import load_weights, read_metadata, save_weights
+
+    tensors, config = load_weights(Path(weights), NAME)
+    meta = read_metadata(Path(weights))
+    config = dict(config)
+    config["params"] = {**(config.get("params") or {}), "mode": "detection"}
+    extra = {k: v for k, v in meta.items() if not k.startswith("nucli.") or k.startswith("nucli.train.")}
+    extra["nucli.mcf.derived_from"] = json.dumps(Path(weights).name)
+    return save_weights(Path(out), {k: v for k, v in tensors.items() if not k.startswith("unet.")}, NAME, config,
+                        extra=extra)
