@@ -7,10 +7,37 @@ from typing import Annotated, Optional
 
 import typer
 
-from nucli.commands import enhance, evaluate, segment, stitch, tile, train
+from typer.core import TyperGroup
+
+from nucli.commands import demo, enhance, evaluate, info, models, segment, stitch, tile, train
+
+
+# click's UsageError as typer uses it (typer may vendor its own copy of click)
+_USAGE_ERRORS = tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError") or (typer.BadParameter,)
+
+
+class _Group(TyperGroup):
+    """Click reports usage errors (bad option, missing argument, unknown command) with exit
+    code 2; nucli documents 1 for usage errors and keeps 2 for input errors."""
+
+    def make_context(self, *args, **kwargs):  # noqa: ANN002, ANN003 - click's signature
+        try:
+            return super().make_context(*args, **kwargs)
+        except _USAGE_ERRORS as exc:
+            exc.exit_code = 1
+            raise
+
+    def invoke(self, ctx):  # noqa: ANN001 - click's Context
+        try:
+            return super().invoke(ctx)
+        except _USAGE_ERRORS as exc:
+            exc.exit_code = 1
+            raise
+
 
 app = typer.Typer(
     name="nucli",
+    cls=_Group,
     help="Find every cell nucleus in whole-slide microscopy images.",
     no_args_is_help=True,
     add_completion=False,
@@ -57,6 +84,9 @@ app.command("segment")(segment.run)
 app.command("stitch")(stitch.run)
 app.command("evaluate")(evaluate.run)
 app.command("train")(train.run)
+app.command("info")(info.run)
+app.command("models")(models.run)
+app.command("demo")(demo.run)
 
 
 if __name__ == "__main__":  # pragma: no cover
