@@ -59,8 +59,15 @@ def _load_builtin() -> None:
                 raise
 
 
+_BUILTINS_LOADED = False
+
+
 def available() -> dict[str, MethodSpec]:
-    if not _REGISTRY:
+    # load the built-in methods once, even when one of them was imported (and so
+    # registered) directly before the first look-up
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
         _load_builtin()
     return dict(_REGISTRY)
 
