@@ -2,14 +2,23 @@
 
 No download is needed. The tissue is scikit-image's bundled immunohistochemistry
 image (``skimage.data.immunohistochemistry()``: 512 x 512 px of human colon,
-DAB-stained protein in brown, hematoxylin-stained nuclei in blue; the file ships
-inside the scikit-image wheel). :func:`write_demo_slide` places it on a glass
-margin and streams it into a tiled, pyramidal Aperio-style TIFF (levels 1, 2, 4;
-a thumbnail and a ``macro`` associated image) with nucli's synthetic-slide
-writer. The image comes without a pixel size; the demo slide states
-**0.5 µm/px (assumed)**: its epithelial nuclei are then about 10 x 5 µm, a
-plausible size, and they match the working pixel size of the shipped methods,
-so the pixels the method sees are the original ones.
+a protein stained brown with DAB, nuclei counterstained blue with hematoxylin;
+the file ships inside the scikit-image wheel).
+
+Stain: by default (``stain="hematoxylin"``) the demo uses the hematoxylin
+component of the image: colour deconvolution (Ruifrok & Johnston stain vectors,
+``skimage.color.rgb2hed``) separates the stains, the DAB and residual components
+are set to zero, and the image is recomposed (``hed2rgb``). The brown DAB stain
+is dark like nuclei in gray scale, and the shipped methods were trained on
+nucleus stains only, so the full IHC colours would show them a problem they were
+not made for. ``stain="ihc"`` keeps the image exactly as shipped.
+
+:func:`write_demo_slide` places the tissue on a glass margin and streams it into
+a tiled, pyramidal Aperio-style TIFF (levels 1, 2, 4; a thumbnail and a small
+associated ``label`` image) with nucli's synthetic-slide writer. The image comes
+without a pixel size; the demo slide states **0.5 µm/px (assumed)**: its
+epithelial nuclei are then about 10 x 5 µm, a plausible size, and it is the
+working pixel size of the shipped methods, so the method sees the pixels as they are.
 
 :func:`run_demo` then runs ``nucli segment`` on it with the chosen method
 (default: the default method) and writes, under the output folder::
@@ -19,6 +28,9 @@ so the pixels the method sees are the original ones.
     <method>/nuclei.csv            one row of measurements per nucleus
     <method>/overlay.png           the slide with every nucleus outlined
     <method>/nuclei.nucli.zarr     the run store (tiles, per-tile labels)
+
+Other variants get their own names (``slide-ihc-crop256.svs``,
+``<method>-ihc-crop256/``), so they never mix with the default one.
 """
 
 from __future__ import annotations
@@ -40,12 +52,11 @@ DEMO_MPP = 0.5
 MARGIN = 96
 """Glass around the tissue, px (so the tissue mask has something to leave out)."""
 GLASS = (242, 242, 240)
-SLIDE_NAME = "slide.svs"
+STAINS = ("hematoxylin", "ihc")
 
 
 @lru_cache(maxsize=1)
-def demo_tissue() -> np.ndarray:
-    """The bundled IHC image, (512, 512, 3) uint8 RGB. Read from the scikit-image wheel, never downloaded."""
+def _ihc() -> np.ndarray:
     try:
         import skimage.data
     except ImportError:  # pragma: no cover - scikit-image is a dependency
@@ -60,9 +71,26 @@ def demo_tissue() -> np.ndarray:
     return np.ascontiguousarray(img[..., :3])
 
 
-def demo_canvas(crop: int | None = None, margin: int = MARGIN) -> np.ndarray:
+def demo_tissue(stain: str = "hematoxylin") -> np.ndarray:
+    """The bundled IHC image, (512, 512, 3) uint8 RGB, as shipped (``"ihc"``) or its hematoxylin
+    component (``"hematoxylin"``, see module docstring). Read from the scikit-image wheel, never downloaded."""
+    if stain not in STAINS:
+        from nucli.errors import UsageError
+
+        raise UsageError(f"unknown demo stain '{stain}'; choose one of: {', '.join(STAINS)}")
+    img = _ihc()
+    if stain == "ihc":
+        return img.copy()
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(img)
+    hed[..., 1:] = 0.0
+    return np.clip(np.round(hed2rgb(hed) * 255.0), 0, 255).astype(np.uint8)
+
+
+def demo_canvas(crop: int | None = None, margin: int = MARGIN, stain: str = "hematoxylin") -> np.ndarray:
     """Level 0 of the demo slide: the tissue (or its central ``crop`` x ``crop`` px) on a glass margin."""
-    tissue = demo_tissue()
+    tissue = demo_tissue(stain)
     if crop is not None:
         crop = int(crop)
         if not 16 <= crop <= tissue.shape[0]:
@@ -106,19 +134,19 @@ class _CanvasRender:
         return out
 
 
-def write_demo_slide(path: str | Path, *, crop: int | None = None) -> Path:
+def write_demo_slide(path: str | Path, *, crop: int | None = None, stain: str = "hematoxylin") -> Path:
     """Write the demo slide (pyramidal Aperio-style TIFF, 0.5 µm/px, JPEG tiles) to ``path`` atomically.
 
     ``crop`` keeps only the central ``crop`` x ``crop`` px of the tissue (a tiny slide for tests).
     """
     from nucli.synthetic import write_pyramidal_tiff
 
-    canvas = demo_canvas(crop)
+    canvas = demo_canvas(crop, stain=stain)
     render = _CanvasRender(canvas)
     h, w = canvas.shape[:2]
-    macro = render(0, 0, max(1, w // 8), max(1, h // 8), 8.0)
+    label = render(0, 0, max(1, w // 8), max(1, h // 8), 8.0)  # a small view, where a slide has its label
     return write_pyramidal_tiff(path, render, w, h, mpp=DEMO_MPP, tile=128, compression="jpeg", quality=92,
-                                levels=3, level_factor=2, thumbnail=256, associated={"macro": macro},
+                                levels=3, level_factor=2, thumbnail=256, associated={"label": label},
                                 magnification=20.0)
 
 
@@ -135,10 +163,17 @@ def _check_method(method: str | None, weights: Path | None) -> str:
     return spec.name
 
 
-def demo_outputs(out_dir: Path, method: str) -> dict[str, Path]:
-    d = Path(out_dir) / method
-    return {"geojson": d / "nuclei.geojson", "csv": d / "nuclei.csv", "overlay": d / "overlay.png",
-            "store": d / "nuclei.nucli.zarr"}
+def variant(stain: str = "hematoxylin", crop: int | None = None) -> str:
+    """Name suffix of a demo variant: "" for the default one, e.g. "-ihc-crop256" otherwise."""
+    return ("" if stain == "hematoxylin" else f"-{stain}") + ("" if crop is None else f"-crop{int(crop)}")
+
+
+def demo_outputs(out_dir: Path, method: str, stain: str = "hematoxylin", crop: int | None = None) -> dict[str, Path]:
+    """Where the demo writes: the slide, and the outputs of ``method`` on it."""
+    v = variant(stain, crop)
+    d = Path(out_dir) / f"{method}{v}"
+    return {"slide": Path(out_dir) / f"slide{v}.svs", "geojson": d / "nuclei.geojson", "csv": d / "nuclei.csv",
+            "overlay": d / "overlay.png", "store": d / "nuclei.nucli.zarr"}
 
 
 def run_demo(
@@ -147,6 +182,7 @@ def run_demo(
     method: str | None = None,
     weights: Path | None = None,
     crop: int | None = None,
+    stain: str = "hematoxylin",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -163,9 +199,13 @@ def run_demo(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; pass -o with a folder for the demo outputs")
+    if stain not in STAINS:
+        from nucli.errors import UsageError
+
+        raise UsageError(f"unknown --stain '{stain}'; choose one of: {', '.join(STAINS)}")
     name = _check_method(method, weights)
-    files = demo_outputs(out_dir, name)
-    slide = out_dir / SLIDE_NAME
+    files = demo_outputs(out_dir, name, stain, crop)
+    slide = files["slide"]
     targets = [files["geojson"], files["csv"], files["overlay"]]
     if not overwrite and slide.exists() and all(p.exists() for p in targets):
         return {"status": "exists", "method": name, "slide": str(slide), "geojson": str(files["geojson"]),
@@ -174,7 +214,7 @@ def run_demo(
     files["geojson"].parent.mkdir(parents=True, exist_ok=True)
     made_slide = False
     if overwrite or not slide.exists():
-        write_demo_slide(slide, crop=crop)
+        write_demo_slide(slide, crop=crop, stain=stain)
         made_slide = True
     summary = segment_to_outputs(slide, files["geojson"], method=name, weights=weights, formats=["csv"],
                                  overlay=files["overlay"], store=files["store"], overwrite=overwrite,
@@ -184,6 +224,7 @@ def run_demo(
         "method": name,
         "slide": str(slide),
         "slide_made": made_slide,
+        "stain": stain,
         "slide_mpp": DEMO_MPP,
         "nuclei": summary.get("nuclei"),
         "tiles": summary.get("tiles"),
@@ -215,5 +256,5 @@ def readme_picture(overlay: str | Path, dest: str | Path, *, box: tuple[int, int
     return dest
 
 
-__all__ = ["DEMO_MPP", "demo_tissue", "demo_canvas", "write_demo_slide", "run_demo", "demo_outputs",
+__all__ = ["DEMO_MPP", "STAINS", "variant", "demo_tissue", "demo_canvas", "write_demo_slide", "run_demo", "demo_outputs",
            "readme_picture"]
