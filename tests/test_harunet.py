@@ -298,3 +298,47 @@ def test_tuned_thresholds_travel_with_the_weights(tmp_path):
     # an explicit setting still wins over the stored one
     method = build_method(NAME, weights=path, params={**method.config.params, "min_area": 3})
     assert method.config.params["min_area"] == 3
+
+
+def _write_dataset(root, n=2, size=96, seed=0):
+    import tifffile
+    from PIL import Image
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(n):
+        lab = np.zeros((size, size), np.uint16)
+        for k in range(6):
+            rr, cc = disk(tuple(rng.integers(10, size - 10, 2)), int(rng.integers(5, 9)), shape=lab.shape)
+            lab[rr, cc] = k + 1
+        img = np.where(lab > 0, 200, 30).astype(np.uint8) + rng.integers(0, 20, lab.shape).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / f"im{i}.png")
+        tifffile.imwrite(root / "labels" / f"im{i}.tif", lab, compression="zlib")
+    return root
+
+
+def test_train_command_writes_loadable_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from nucli.cli import app
+    from nucli.models.registry import build_method
+
+    data = _write_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["train", "--method", "harunet", "--data", str(data), "--val", str(data), "-o", str(out),
+            "--epochs", "4", "--threads", "1", "--quiet", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    weights = out / "harunet_cpu.safetensors"
+    assert weights.exists() and (out / "harunet_cpu.json").exists()
+    summary = json.loads((out / "harunet_cpu.json").read_text())
+    assert summary["steps"] == 2 and set(summary["postprocess"]) == {"mask_threshold", "contour_threshold", "min_area"}
+    method = build_method(NAME, weights=weights)
+    assert method.config.params["min_area"] == summary["postprocess"]["min_area"]
+    # a second run into the same folder needs --resume (or --overwrite)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "--resume" in res.output
+    res = CliRunner().invoke(app, args + ["--resume"])
+    assert res.exit_code == 0, res.output

@@ -67,6 +67,16 @@ def run(
                        "templates": summary["templates"], "wall seconds": summary["wall_s"]},
                       as_json=json_summary, quiet=quiet, title="nucli train")
         return
+    if name == "harunet":
+        from nucli.training.harunet_train import train_from_options as train_harunet
+
+        with _progress(quiet) as progress:
+            summary = train_harunet(data, output, val, preset=preset.value, epochs=epochs, resume=resume,
+                                    threads=threads, progress=progress)
+        print_summary({"weights": summary["weights"], "steps": summary["steps"], "best step": summary["best_step"],
+                       "wall seconds": summary["wall_s"], **{f"val {k}": v for k, v in summary.get("val_tuned", {}).items()}},
+                      as_json=json_summary, quiet=quiet, title="nucli train")
+        return
     if name != "gensegnet":
         raise UsageError(f"`nucli train` supports --method gensegnet in this version, not '{name}'")
 

@@ -189,3 +189,40 @@ def train_harunet(
         })
         summary["weights"] = str(weights_out)
     return summary
+
+
+# epochs of the `nucli train --method harunet` presets (one epoch = one random crop per training image)
+PRESET_SCHEDULE: dict[str, dict[str, Any]] = {
+    "cpu": {"epochs": 29, "crop": 256, "batch": 4, "lr": 1e-3},
+    "paper": {"epochs": 200, "crop": 512, "batch": 4, "lr": 1e-3},
+}
+
+
+def train_from_options(data: Path, output: Path, val: Path | None = None, *, preset: str = "cpu",
+                       epochs: float | None = None, resume: bool = False, threads: int | None = None,
+                       progress: Any = None) -> dict[str, Any]:
+    """What `nucli train --method harunet` runs; writes OUTDIR/harunet_<preset>.safetensors (+ .json)."""
+    import json
+
+    from nucli.training.data import list_pairs
+
+    sched = PRESET_SCHEDULE.get(preset)
+    if sched is None:
+        from nucli.errors import UsageError
+
+        raise UsageError(f"unknown HARU-Net preset '{preset}'; choose one of: {', '.join(PRESET_SCHEDULE)}")
+    n_images = len(list_pairs(Path(data)))
+    steps = max(int(round((epochs or sched["epochs"]) * n_images / sched["batch"])), 1)
+    weights = Path(output) / f"{NAME}_{preset}.safetensors"
+
+    def report(step: int, total: int, parts: dict[str, float]) -> None:
+        if progress is not None:
+            progress(NAME, step, total)
+
+    summary = train_harunet(Path(data), Path(output), val_dir=Path(val) if val else None, preset=preset,
+                            steps=steps, crop=sched["crop"], batch=sched["batch"], lr=sched["lr"], resume=resume,
+                            threads=threads, weights_out=weights, progress=report)
+    from nucli.evaluation.labels_io import write_text_atomic
+
+    write_text_atomic(json.dumps(summary, indent=2, default=str) + "\n", weights.with_suffix(".json"))
+    return summary
