@@ -204,7 +204,7 @@ class StoreLock:
         if rec.get("host") != socket.gethostname():
             return True  # cannot check another machine's processes
         if rec["pid"] == os.getpid():
-            return False
+            return True  # another writer inside this very process
         return _pid_alive(rec["pid"], rec.get("started"))
 
     def _conflict(self, rec: dict[str, Any] | None) -> StoreError:
@@ -432,7 +432,7 @@ def _slurm_keys() -> set[str]:
     for fn in (slurm.SLURMJob.__init__, core.Job.__init__, core.JobQueueCluster.__init__):
         keys |= {p for p in inspect.signature(fn).parameters
                  if p not in ("self", "scheduler", "base_class_kwargs", "job_kwargs", "job_cls", "loop",
-                              "asynchronous", "config_name", "n_workers")}
+                              "asynchronous", "config_name", "n_workers", "host", "dashboard_address")}
     return keys
 
 
@@ -495,8 +495,11 @@ def slurm_cluster(config: dict[str, Any], workers: int | None = None) -> tuple[A
         raise NotAvailableError("--cluster slurm needs dask-jobqueue; install it with `pip install dask-jobqueue`") \
             from None
     kwargs = {k: v for k, v in config.items() if k not in _NUCLI_SLURM_KEYS}
-    kwargs.setdefault("dashboard_address", None)
-    cluster = SLURMCluster(**kwargs)
+    try:
+        cluster = SLURMCluster(**kwargs)
+    except (TypeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"--cluster-config: dask-jobqueue refused the settings ({first})") from None
     if config.get("jobs"):
         scale = {"jobs": int(config["jobs"])}
     elif workers:
@@ -518,6 +521,7 @@ class Runner:
     cluster_config: dict[str, Any] | None = None
     max_in_flight: int | None = None
     prefetch: int = 2
+    connect_timeout: float = 15.0
     _client: Any = field(default=None, repr=False)
     _cluster: Any = field(default=None, repr=False)
 
@@ -586,15 +590,16 @@ class Runner:
         if self.mode == "local":
             self._cluster = LocalCluster(n_workers=int(self.workers or os.cpu_count() or 1),
                                          threads_per_worker=int(self.threads or 1), processes=True,
-                                         host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR)
+                                         host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                         silence_logs=logging.ERROR)
             self._client = Client(self._cluster)
         elif self.mode == "scheduler":
             address = str(self.scheduler)
             try:
                 if address.endswith(".json") and Path(address).is_file():
-                    self._client = Client(scheduler_file=address, timeout="15s")
+                    self._client = Client(scheduler_file=address, timeout=f"{self.connect_timeout}s")
                 else:
-                    self._client = Client(address, timeout="15s")
+                    self._client = Client(address, timeout=f"{self.connect_timeout}s")
             except (OSError, TimeoutError, ValueError) as exc:
                 raise InputError(f"--scheduler {address}: cannot reach a dask scheduler there "
                                  f"({type(exc).__name__}); start one with `dask scheduler` or check the address") \
