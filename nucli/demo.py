@@ -241,13 +241,24 @@ def run_demo(
 def readme_picture(overlay: str | Path, dest: str | Path, *, box: tuple[int, int, int, int] | None = None,
                    colors: int = 192) -> Path:
     """A small PNG for the README from a demo overlay: cropped to ``box`` (x0, y0, x1, y1;
-    default the tissue, without the glass margin) and reduced to a ``colors``-colour palette."""
+    default the tissue, without the glass margin) and reduced to a ``colors``-colour palette
+    in which the outline colour is kept exact."""
     from PIL import Image
+
+    from nucli.export.overlay import CONTOUR_RGB
 
     img = Image.open(overlay).convert("RGB")
     if box is None:
         box = (MARGIN, MARGIN, img.width - MARGIN, img.height - MARGIN)
-    small = img.crop(box).quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    img = img.crop(box)
+    outline = np.all(np.asarray(img) == np.array(CONTOUR_RGB, np.uint8), axis=2)
+    q = img.quantize(colors=colors - 1, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    index = np.asarray(q).copy()
+    palette = (q.getpalette() or [])[: 3 * (colors - 1)]
+    palette += [0] * (3 * (colors - 1) - len(palette)) + list(CONTOUR_RGB)
+    index[outline] = colors - 1
+    small = Image.fromarray(index.astype(np.uint8), mode="P")
+    small.putpalette(palette)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
