@@ -125,7 +125,7 @@ def test_demo_writes_geojson_csv_overlay_and_says_where(tmp_path):
 
     tissue_h = float(np.median(hematoxylin(demo_tissue("ihc")[128:384, 128:384])))
     nuclei_h = np.mean([float(r["hematoxylin_mean"]) for r in rows])
-    assert nuclei_h > 2 * tissue_h
+    assert nuclei_h > 1.5 * tissue_h
     # outlines drawn in green where the nuclei are
     green = np.all(slide_px == (0, 255, 0), axis=2)
     for r in rows:
@@ -194,7 +194,7 @@ def test_default_demo_outlines_nuclei(tmp_path):
     with open(s["measurements"], newline="") as fh:
         rows = list(csv.DictReader(fh))
     tissue_h = float(np.median(hematoxylin(demo_tissue("ihc"))))
-    assert np.median([float(r["hematoxylin_mean"]) for r in rows]) > 2 * tissue_h
+    assert np.median([float(r["hematoxylin_mean"]) for r in rows]) > 1.5 * tissue_h
 
 
 # --------------------------------------------------------------------------- Python API
