@@ -50,10 +50,16 @@ def run(
 
       nucli info scan.tif --mpp 0.25 --probe 0
     """
-    from nucli.api import slide_info
+    from contextlib import nullcontext
 
-    info = slide_info(slide, method, mpp=mpp, mpp_target=mpp_target, tile_size=tile_size, overlap=overlap,
-                      tissue_mask=tissue_mask, probe_tiles=probe, weights=weights)
+    from nucli.api import slide_info
+    from nucli.commands._common import stderr
+
+    busy = (stderr().status(f"Reading {slide.name}" + (f" and timing the method on {probe} tiles" if probe else ""))
+            if not (quiet or json_summary) else nullcontext())
+    with busy:
+        info = slide_info(slide, method, mpp=mpp, mpp_target=mpp_target, tile_size=tile_size, overlap=overlap,
+                          tissue_mask=tissue_mask, probe_tiles=probe, weights=weights)
     if json_summary:
         from nucli.commands._common import print_summary
 
