@@ -44,8 +44,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "unet": {"widths": [16, 32, 64, 128]},
         "refiner": {"channels": 16},
         "discriminator": {"channels": 16, "layers": 3},
-        "crop": 128, "batch": 4, "steps": 800, "lr": 1e-3,
-        "ae_steps": 300, "pre_steps": 300, "g_lr": 2e-4, "pool": 80,
+        "crop": 96, "batch": 4, "steps": 500, "lr": 1e-3,
+        "ae_steps": 200, "pre_steps": 200, "g_lr": 2e-4, "pool": 60,
         "gamma": 0.5, "lam": 100.0, "beta": 0.1,
     },
     "paper": {

@@ -48,7 +48,8 @@ def inpaint_background(image: np.ndarray, mask: np.ndarray, dilate: int = 2,
     if grain:
         rng = rng if rng is not None else np.random.default_rng(0)
         fine = chan - np.stack([ndi.gaussian_filter(chan[..., c], 1.0) for c in range(chan.shape[2])], -1)
-        std = fine[~hole].std(axis=0) if (~hole).sum() > 16 else np.zeros(chan.shape[2], np.float32)
+        far = ~ndi.binary_dilation(hole, iterations=4)  # the residual near nuclei is edge, not grain
+        std = fine[far].std(axis=0) if far.sum() > 16 else np.zeros(chan.shape[2], np.float32)
         noise = rng.normal(0.0, 1.0, hole.shape).astype(np.float32)
         noise = ndi.gaussian_filter(noise, 0.7) * 1.6  # slightly correlated grain, unit-ish variance
         out[hole] += noise[hole][:, None] * std[None, :]

@@ -4,7 +4,7 @@
 nuclei inpainted away (:mod:`nucli.synth.background`), N the deformed nuclei
 with their own real textures (:mod:`nucli.synth.deform`) and alpha the blurred
 deformed mask. For colour brightfield images the blend is done on the
-Hematoxylin-Eosin-DAB optical densities (``skimage.color.rgb2hed``) after a
+Hematoxylin-Eosin-DAB densities (skimage's ``rgb2hed`` matrix, unclipped) after a
 random per-channel gain and shift: hematoxylin of the nuclei, eosin of the
 background, so that stain strength varies independently. Gray brightfield and
 fluorescence images have no stains to separate: they are blended in intensity
@@ -32,6 +32,28 @@ class ComposeParams:
     intensity_gain: tuple[float, float] = (0.8, 1.2)  # fluorescence / gray: per-channel gain
 
 
+_LOG_ADJUST = float(np.log(1e-6))
+
+
+def rgb_to_hed(rgb01: np.ndarray) -> np.ndarray:
+    """RGB in [0, 1] -> HED stain densities (``skimage.color``'s Ruifrok-Johnston matrix).
+
+    Like ``skimage.color.rgb2hed`` but without clipping negative densities, so
+    that :func:`hed_to_rgb` inverts it exactly (colours outside the stains'
+    cone would otherwise change on the round trip).
+    """
+    from skimage.color import hed_from_rgb
+
+    return (np.log(np.maximum(rgb01, 1e-6)) / _LOG_ADJUST) @ hed_from_rgb
+
+
+def hed_to_rgb(hed: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb_to_hed`; RGB clipped to [0, 1]."""
+    from skimage.color import rgb_from_hed
+
+    return np.clip(np.exp((hed * _LOG_ADJUST) @ rgb_from_hed), 0.0, 1.0)
+
+
 def image_kind(rgb: np.ndarray) -> str:
     """'hed' for colour brightfield, 'dark' for gray brightfield, 'bright' for fluorescence."""
     from nucli.postprocess import BRIGHTFIELD, as_rgb, detect_polarity
@@ -46,21 +68,19 @@ def image_kind(rgb: np.ndarray) -> str:
 def compose(background: np.ndarray, foreground: np.ndarray, alpha: np.ndarray, kind: str,
             rng: np.random.Generator, params: ComposeParams = ComposeParams()) -> np.ndarray:
     """Blend float RGB background and foreground (0-255) with weight ``alpha``; returns uint8 RGB."""
-    from skimage.color import hed2rgb, rgb2hed
-
     a = np.asarray(alpha, np.float32)[..., None]
     bg = np.asarray(background, np.float32)
     fgi = np.asarray(foreground, np.float32)
     if kind == "hed":
         u = rng.uniform
-        hb = rgb2hed(np.clip(bg / 255.0, 0, 1))
-        hf = rgb2hed(np.clip(fgi / 255.0, 0, 1))
+        hb = rgb_to_hed(np.clip(bg / 255.0, 0, 1))
+        hf = rgb_to_hed(np.clip(fgi / 255.0, 0, 1))
         gain_f = np.array([u(*params.nucleus_h_gain), u(*params.nucleus_e_gain), 1.0])
         gain_b = np.array([u(*params.background_h_gain), u(*params.background_e_gain), 1.0])
         shift_f = rng.uniform(-params.shift, params.shift, 3) * np.array([1, 1, 0])
         shift_b = rng.uniform(-params.shift, params.shift, 3) * np.array([1, 1, 0])
         hed = a * (hf * gain_f + shift_f) + (1 - a) * (hb * gain_b + shift_b)
-        out = hed2rgb(hed) * 255.0
+        out = hed_to_rgb(hed) * 255.0
     else:
         gray = np.allclose(bg[..., 0], bg[..., 1]) and np.allclose(bg[..., 1], bg[..., 2])
         g = rng.uniform(*params.intensity_gain, 1 if gray else 3)

@@ -82,15 +82,23 @@ def deform_instances(image: np.ndarray, labels: np.ndarray, rng: np.random.Gener
         th = np.arctan2(dy, dx) - a
         src_rho = rho / (s * (1.0 + delta(th)))
         sy, sx = cy + src_rho * np.sin(th), cx + src_rho * np.cos(th)
-        coords = np.stack([sy, sx])
-        inside = ndi.map_coordinates((labels == k).astype(np.uint8), coords, order=0, mode="constant", cval=0) > 0
+        # sample from a source window around the nucleus only (cheap on large images)
+        sy0, sy1 = max(int(np.floor(sy.min())) - 1, 0), min(int(np.ceil(sy.max())) + 2, h)
+        sx0, sx1 = max(int(np.floor(sx.min())) - 1, 0), min(int(np.ceil(sx.max())) + 2, w)
+        if sy1 <= sy0 or sx1 <= sx0:
+            continue
+        own_src = (labels[sy0:sy1, sx0:sx1] == k).astype(np.float32)
+        coords = np.stack([sy - sy0, sx - sx0])
+        inside = ndi.map_coordinates(own_src, coords, order=0, mode="constant", cval=0) > 0
         if not inside.any():
             continue
+        # texture: bilinear over the nucleus's own pixels only (normalised), so no background bleeds in
+        den = ndi.map_coordinates(own_src, coords, order=1, mode="constant", cval=0)
         win = (slice(y0, y1), slice(x0, x1))
         out[win][inside] = k
         for c in range(chan.shape[2]):
-            vals = ndi.map_coordinates(chan[..., c], coords, order=1, mode="nearest")
-            fg[win + (c,)][inside] = vals[inside]
+            num = ndi.map_coordinates(chan[sy0:sy1, sx0:sx1, c] * own_src, coords, order=1, mode="constant", cval=0)
+            fg[win + (c,)][inside] = num[inside] / np.maximum(den[inside], 1e-6)
     if params.min_area > 1 and out.any():
         area = np.bincount(out.ravel())
         small = area < params.min_area
