@@ -490,7 +490,10 @@ def metrics_in_markdown(text: str, method: str | None = None) -> dict[str, Any] 
                 tests = rows
             # an ablation table lists several rows: prefer the one naming the method itself
             named = [r for r in tests if method and _squash(method) in _squash(label_of(r))]
-            chosen = (named or tests or [None])[0]
+            pool = named or tests
+            # per-modality rows: prefer the aggregate over all images
+            overall = [r for r in pool if re.search(r"mean over images|\ball\b|overall|aggregate", label_of(r))]
+            chosen = (overall or pool or [None])[0]
             if chosen is None:
                 continue
             out: dict[str, Any] = {}

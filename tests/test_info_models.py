@@ -238,6 +238,9 @@ def test_metrics_from_markdown_table_under_a_test_heading():
     card = "## Accuracy on the test split (56 images)\n\n| aggregate | AJI | PQ | Dice |\n|:--|--:|--:|--:|\n" \
            "| mean over images | 0.701 | 0.652 | 0.790 |\n| pooled over nuclei | 0.60 | 0.66 | 0.74 |\n"
     assert metrics_in_markdown(card) == {"aji": 0.701, "pq": 0.652, "dice": 0.790, "row": "mean over images"}
+    per_modality = "## Test split\n\n| modality | AJI | PQ |\n|---|---|---|\n| fluorescence | 0.8 | 0.7 |\n" \
+                   "| brightfield | 0.5 | 0.4 |\n| all (mean over images) | 0.75 | 0.66 |\n"
+    assert metrics_in_markdown(per_modality)["aji"] == 0.75
     assert metrics_in_markdown("# card\n\nno table here\n") is None
     assert metrics_in_markdown("| split | AJI | PQ |\n|---|---|---|\n| val | 0.8 | 0.7 |\n") is None
 
