@@ -486,6 +486,57 @@ def test_slurm_config_parses_and_reaches_the_job_script(tmp_path):
         assert line in script, line
 
 
+def test_example_cluster_config_is_valid():
+    cfg = load_cluster_config(Path(__file__).resolve().parents[1] / "examples" / "dask_jobqueue.yaml")
+    cluster, scale = slurm_cluster({**cfg, "scheduler_options": {"host": "127.0.0.1"}})
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert scale == {"jobs": 4} and "#SBATCH -p cpu" in script and "--nworkers 4" in script
+
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+# stands in for sbatch: runs the --wrap command here and now (each array task in turn)
+set -euo pipefail
+array=""; wrap=""
+for a in "$@"; do
+  case "$a" in --array=*) array="${a#--array=}";; --wrap=*) wrap="${a#--wrap=}";; esac
+done
+n=$(cat "$FAKE_SLURM_COUNTER" 2>/dev/null || echo 100); n=$((n + 1)); echo $n > "$FAKE_SLURM_COUNTER"
+if [ -n "$array" ]; then
+  for i in $(seq "${array%-*}" "${array#*-}"); do SLURM_ARRAY_TASK_ID=$i bash -c "$wrap" >> "$FAKE_SLURM_LOG"; done
+else
+  bash -c "$wrap" >> "$FAKE_SLURM_LOG"
+fi
+echo $n
+"""
+
+
+def test_slurm_array_example_runs_end_to_end(tmp_path):
+    """examples/slurm_array.sh with a stand-in sbatch: tile once, 2 shards, stitch once."""
+    from PIL import Image
+
+    gt = blob_labels(700, 600, 200, seed=5, r=(7, 10), touching_pairs=0)
+    Image.fromarray(render(gt, HE_NUCLEUS, HE_BACKGROUND, seed=5)).save(tmp_path / "slide.png")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "examples" / "slurm_array.sh"
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "METHOD": "watershed", "FAKE_SLURM_COUNTER": str(tmp_path / "n"), "FAKE_SLURM_LOG": str(tmp_path / "log")}
+    # a PNG has no pixel size: give it through the tile step's options
+    env["NUCLI_TILE_OPTS"] = "--mpp 0.5"
+    r = subprocess.run(["bash", str(script), "slide.png", "out/slide.geojson", "2"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr + (tmp_path / "log").read_text()
+    shards = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines() if '"shard"' in line]
+    assert sorted(s["shard"] for s in shards) == ["0/2", "1/2"] and shards[-1]["complete"]
+    n = len(qupath_features(load(tmp_path / "out" / "slide.geojson")))
+    assert abs(n - gt.max()) <= 0.05 * gt.max() and (tmp_path / "out" / "slide.csv").exists()
+
+
 @pytest.mark.parametrize("text, error, match", [
     ("cores: 4\nmemory: 8GB\ncoers: 2\n", UsageError, "unknown setting.*coers"),
     ("memory: 8GB\n", UsageError, "set cores"),
