@@ -20,8 +20,8 @@ class Preset(str, Enum):
 
 @handle_errors
 def run(
-    data: Annotated[Path, typer.Option("--data", help="Training data: DIR/images/*.png + DIR/labels/*.tif.")],
     output: Output,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Training data: DIR/images/*.png + DIR/labels/*.tif.")] = None,
     method: Method = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation data (same layout), for model selection.")] = None,
     preset: Annotated[Preset, typer.Option("--preset", help="cpu: narrow, ~1 h on 2 cores; paper: the paper's widths/epochs.")] = Preset.cpu,
@@ -37,12 +37,29 @@ def run(
     n_templates: Annotated[int, typer.Option("--n", min=1, help="mcf: number of nuclei drawn by --from-labels.")] = 10,
     seed: Annotated[int, typer.Option("--seed", help="mcf: seed of the --from-labels draw and of training.")] = 0,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="mcf: mutual-complementing rounds.")] = 3,
+    # --- spatialprior (no labels of the new stain) and synthesis ---
+    images: Annotated[Optional[Path], typer.Option("--images", help="spatialprior: unlabelled images of the stain to learn (a folder).")] = None,
+    prior_masks: Annotated[Optional[Path], typer.Option("--prior-masks", help="spatialprior: label/mask images of nuclei of any other stain (unpaired).")] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", min=0.1, max=10.0, help="spatialprior: rescale factor bringing --images to the masks' nucleus size (default: estimated).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="spatialprior / --synth style: training steps (default: the preset's).")] = None,
+    synth: Annotated[Optional[SynthMode], typer.Option("--synth", help="style: train gensegnet's segmentation U-Net with style-consistent synthetic images.")] = None,
+    count: Annotated[Optional[int], typer.Option("--count", min=1, help="synth: number of image/label pairs to write (default 100).")] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="synth: a synth_refiner.safetensors to restyle the pairs with AdaIN.")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_summary: JsonSummary = False,
 ) -> None:
     """Train a method (both GeNSeg-Net stages) with checkpoints, loss logs and val-based selection."""
     name = method or "gensegnet"
+    if name == "spatialprior":
+        if images is None or prior_masks is None:
+            raise UsageError("--method spatialprior needs --images DIR (unlabelled images of the new stain) "
+                             "and --prior-masks DIR (label images of nuclei of any stain)")
+    elif data is None:
+        raise UsageError("--data DIR is required (images/ + labels/, like dsb2018/train)")
+    if synth is not None and name != "gensegnet":
+        raise UsageError(f"--synth style trains the gensegnet segmentation U-Net; '{name}' is not supported "
+                         "(write pairs with --method synth and train on them instead)")
     for d, what in ((data, "--data"), (val, "--val")):
         if d is not None and not (Path(d) / "images").is_dir():
             raise InputError(f"{what} {d} must hold images/ and labels/ folders (like dsb2018/train)")
@@ -55,6 +72,10 @@ def run(
         for f in output.glob("*.ckpt.safetensors"):
             f.unlink()
     output.mkdir(parents=True, exist_ok=True)
+    if name in ("spatialprior", "synth") or synth is not None:
+        _spatialprior_or_synth(name, data, output, images, prior_masks, scale, steps, synth, count, weights,
+                               preset.value, resume, threads, seed, overwrite, quiet, json_summary)
+        return
     if name == "mcf":  # templates instead of labels: its own option checks and procedure
         from nucli.models.mcf.train_cli import train_from_options
 
@@ -89,6 +110,40 @@ def run(
                    "wall seconds": summary["wall_s"],
                    **{f"val {k} AJI": (v.get("val") or {}).get("aji") for k, v in summary["candidates"].items()}},
                   as_json=json_summary, quiet=quiet, title="nucli train")
+
+
+class SynthMode(str, Enum):
+    style = "style"
+
+
+def _spatialprior_or_synth(name, data, output, images, prior_masks, scale, steps, synth, count, weights, preset,
+                           resume, threads, seed, overwrite, quiet, json_summary) -> None:
+    """--method spatialprior, --method synth (write pairs) and --synth style (nucli.training.spatialprior, nucli.synth)."""
+    if name == "spatialprior":
+        from nucli.training.spatialprior import train_from_options as train_spatialprior
+
+        with _progress(quiet) as progress:
+            s = train_spatialprior(images, prior_masks, output, preset=preset, steps=steps, scale=scale,
+                                   resume=resume, threads=threads, seed=seed, progress=progress)
+        print_summary({"weights": s["weights"], "steps": s["run"]["steps"], "selected step": s["run"]["best_step"],
+                       "scale": s["scale"]["scale"], "wall seconds": s["wall_s"]},
+                      as_json=json_summary, quiet=quiet, title="nucli train")
+    elif name == "synth":
+        from nucli.synth.train_cli import pairs_from_options
+
+        with _progress(quiet) as progress:
+            s = pairs_from_options(data, output, count, seed=seed, refiner=weights, overwrite=overwrite,
+                                   progress=progress)
+        print_summary({"output": s["output"], "pairs written": s["written"], "pairs kept": s["kept"],
+                       "restyled": s["refined"]}, as_json=json_summary, quiet=quiet, title="nucli train")
+    else:
+        from nucli.synth.train_cli import style_from_options
+
+        with _progress(quiet) as progress:
+            s = style_from_options(name, data, output, preset=preset, steps=steps, resume=resume, threads=threads,
+                                   seed=seed, progress=progress)
+        print_summary({"weights": s["weights"], "stages": ", ".join(s["stages"]), "wall seconds": s["wall_s"]},
+                      as_json=json_summary, quiet=quiet, title="nucli train")
 
 
 class _progress:

@@ -535,3 +535,42 @@ def train_spatialprior(images_dir: Path, prior_dir: Path, out_dir: Path, preset:
     tmp.write_text(json.dumps(summary, indent=2, default=float))
     tmp.replace(out_dir / f"spatialprior_{preset}.json")
     return summary
+
+
+def write_card(path: Path, summary: dict[str, Any], extra_sections: dict[str, str] | None = None) -> Path:
+    """A short model card (markdown) beside the weights, from a training summary."""
+    run, cfg = summary.get("run", {}), summary.get("training", {})
+    lines = [
+        f"# spatialprior ({summary.get('config', {}).get('params', {}).get('preset', '?')} preset)", "",
+        f"- unlabelled images: {summary.get('images')} ({summary.get('n_images')} images; no annotation read)",
+        f"- prior masks: {summary.get('prior_masks')} ({summary.get('n_masks')} label images, binarised)",
+        f"- scale: {json.dumps(summary.get('scale'))}",
+        f"- steps: {run.get('steps')} (crop {cfg.get('crop')}, batch {cfg.get('batch')}, lr {cfg.get('lr')}); "
+        f"selected step {run.get('best_step')} by the lowest system loss after a burn-in of {run.get('burn_in')} steps",
+        f"- loss weights: {json.dumps(cfg.get('weights'))}; sharpening r = {cfg.get('sharpen')}",
+        f"- wall time: {summary.get('wall_s')} s", "",
+    ]
+    for title, text in (extra_sections or {}).items():
+        lines += [f"## {title}", "", text.strip(), ""]
+    tmp = Path(path).with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return Path(path)
+
+
+def train_from_options(images: Path | None, prior_masks: Path | None, output: Path, preset: str = "cpu",
+                       steps: int | None = None, scale: float | None = None, resume: bool = False,
+                       threads: int | None = None, seed: int = 0,
+                       progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """``nucli train --method spatialprior``: check the options, train, write weights + summary + card."""
+    if images is None or prior_masks is None:
+        raise UsageError("--method spatialprior needs --images DIR (unlabelled images of the new stain) and "
+                         "--prior-masks DIR (label images of nuclei of any stain)")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be at least 1, not {steps}")
+    cb = (lambda s, n: progress("spatialprior", s, n)) if progress else None
+    summary = train_spatialprior(images, prior_masks, output, preset=preset, steps=steps,
+                                 scale="auto" if scale is None else float(scale), resume=resume,
+                                 threads=threads, seed=seed, progress=cb)
+    write_card(Path(output) / f"spatialprior_{preset}.md", summary)
+    return summary
