@@ -165,6 +165,7 @@ def _start_time(pid: int) -> float | None:
 
 
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
+_UNLOCKED = -2  # no lock file could be made (read-only folder): nothing to release
 
 
 class StoreLock:
@@ -211,6 +212,8 @@ class StoreLock:
         store = self.store_path
         live = self._holder_alive(rec)
         who = f"pid {rec['pid']} on {rec.get('host')}, since {rec.get('since')}" if live and rec else None
+        if who and rec.get("host") != socket.gethostname():
+            who += f"; if it is not running any more, delete {self.path}"
         if self.shard is None:
             if who:
                 return StoreError(f"{store} is being written by another nucli process ({who}); wait for it to "
@@ -226,7 +229,15 @@ class StoreLock:
 
         mode = fcntl.LOCK_SH if self.shard else fcntl.LOCK_EX
         for attempt in range(retries):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                log.warning("cannot create the lock file %s (%s); a second writer of %s will not be detected",
+                            self.path, exc.strerror, self.store_path)
+                self._fd = _UNLOCKED
+                return self
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -278,7 +289,7 @@ class StoreLock:
         import fcntl
 
         fd, self._fd = self._fd, None
-        if fd is None:
+        if fd is None or fd == _UNLOCKED:
             return
         if fd < 0:
             if self.shard is None:
