@@ -208,3 +208,26 @@ def test_wrong_weights_are_clear_errors(tmp_path):
     junk.write_bytes(b"\x80\x04not a safetensors file at all")
     with pytest.raises(WeightsError, match="not a valid safetensors"):
         build_method("spatialprior", weights=junk)
+
+
+def test_cli_train_spatialprior_and_option_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from nucli.cli import app
+
+    images, masks = _write_unpaired(tmp_path / "data")
+    out = tmp_path / "cli"
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--method", "spatialprior", "--images", str(images), "--prior-masks",
+                              str(masks), "-o", str(out), "--steps", "2", "--scale", "1.0", "--threads", "1",
+                              "--quiet", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["steps"] == 2
+    assert (out / "spatialprior_cpu.safetensors").exists() and (out / "spatialprior_cpu.md").exists()
+    # missing inputs: one-line usage error, nothing created
+    res = runner.invoke(app, ["train", "--method", "spatialprior", "--images", str(images), "-o",
+                              str(tmp_path / "none")])
+    assert res.exit_code == 1 and "--prior-masks" in res.output and not (tmp_path / "none").exists()
+    res = runner.invoke(app, ["train", "--method", "spatialprior", "--images", str(tmp_path / "missing"),
+                              "--prior-masks", str(masks), "-o", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "not a folder" in res.output and "Traceback" not in res.output

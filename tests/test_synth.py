@@ -223,3 +223,24 @@ def test_three_step_training_with_and_without_synthesis(tmp_path):
     again = train_with_synthesis(data, tmp_path / "syn", synth=True, steps=3, threads=1, overrides=TINY,
                                  resume=True)
     assert again["stages"]["joint"]["steps"] == 3
+
+
+def test_cli_writes_pairs_and_refuses_bad_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from nucli.cli import app
+
+    data = _write_dataset(tmp_path / "data")
+    out = tmp_path / "pairs"
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--method", "synth", "--data", str(data), "-o", str(out), "--count", "2",
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert len(list((out / "images").glob("*.png"))) == 2 and len(list((out / "labels").glob("*.tif"))) == 2
+    res = runner.invoke(app, ["train", "--method", "synth", "--data", str(data), "-o", str(out), "--count", "2"])
+    assert res.exit_code == 2 and "--resume" in res.output  # an existing output is not touched silently
+    res = runner.invoke(app, ["train", "--method", "harunet", "--synth", "style", "--data", str(data), "-o",
+                              str(tmp_path / "x")])
+    assert res.exit_code == 1 and "gensegnet" in res.output and not (tmp_path / "x").exists()
+    res = runner.invoke(app, ["train", "--method", "synth", "-o", str(tmp_path / "y")])
+    assert res.exit_code == 1 and "--data" in res.output
