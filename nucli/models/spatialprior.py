@@ -37,7 +37,7 @@ DEFAULT_POSTPROCESS = {"threshold": 0.5, "median": 5, "erosion": 0, "min_distanc
 
 CPU_PARAMS = {
     "preset": "cpu",
-    "segmentor": {"widths": [16, 32, 64, 128]},
+    "segmentor": {"widths": [16, 32, 64, 128], "norm": "instance"},
     "scale": 1.0,
     "postprocess": dict(DEFAULT_POSTPROCESS),
 }
@@ -155,15 +155,39 @@ class SpatialPrior(Method):
         return [TileResult(labels=instances_from_prob(p, self.params, ext)) for p in np.asarray(raw)]
 
 
-def segmentor_from_params(params: dict[str, Any]):
-    """The U-Net segmentor (3 input channels, 1 logit) described by a config's params."""
+def instance_norm(module: Any) -> Any:
+    """Replace every BatchNorm2d of ``module`` by an affine InstanceNorm2d (in place; returns it).
+
+    Adversarially trained, S reaches its decisions with small logits; batch
+    statistics that lag behind the weights (BatchNorm's running averages)
+    flip them at inference. Instance normalisation behaves the same in
+    training and inference (as in CycleGAN's generators).
+    """
+    from torch import nn
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.InstanceNorm2d(child.num_features, affine=True))
+        else:
+            instance_norm(child)
+    return module
+
+
+def unet(widths: Any, in_ch: int, n_classes: int, norm: str = "instance") -> Any:
+    """The GeNSeg-Net U-Net (:mod:`nucli.models.gensegnet.unet`) with instance or batch normalisation."""
     from nucli.models.gensegnet.unet import UNet
 
+    net = UNet(tuple(int(w) for w in widths), in_ch=in_ch, n_classes=n_classes)
+    return instance_norm(net) if norm == "instance" else net
+
+
+def segmentor_from_params(params: dict[str, Any]):
+    """The U-Net segmentor (3 input channels, 1 logit) described by a config's params."""
     try:
-        widths = tuple(int(w) for w in params["segmentor"]["widths"])
+        seg = params["segmentor"]
+        return unet(seg["widths"], 3, 1, seg.get("norm", "instance"))
     except (KeyError, TypeError, ValueError) as exc:
         raise WeightsError(f"spatialprior config lacks a valid segmentor description ({exc})") from None
-    return UNet(widths, in_ch=3, n_classes=1)
 
 
 def build(config: MethodConfig, weights_path: Path | None, device: str = "cpu") -> SpatialPrior:

@@ -2,7 +2,7 @@
 
 Networks (all trained jointly, Adam lr 2e-4, betas (0.5, 0.999)):
 
-* S   -- U-Net segmentor, RGB tile -> one logit per pixel; its output
+* S   -- U-Net segmentor (GeNSeg-Net's U-Net with instance normalisation), RGB tile -> one logit per pixel; its output
   ``S(t) = sigmoid(r * logits)`` is sharpened with ``r = 60`` so that it is
   almost binary, like a real mask;
 * D_S -- PatchGAN discriminator: real, unpaired masks (label 1) vs S(t) (label 0);
@@ -165,10 +165,10 @@ def colour_augment(x, gen=None):
 
 def build_networks(preset: dict[str, Any]):
     """(S, R, D_S, D_R) for a preset."""
-    from nucli.models.gensegnet.unet import UNet
+    from nucli.models.spatialprior import unet
 
-    s = UNet(tuple(preset["segmentor"]["widths"]), in_ch=3, n_classes=1)
-    r = UNet(tuple(preset["reconstructor"]["widths"]), in_ch=1, n_classes=3)
+    s = unet(preset["segmentor"]["widths"], 3, 1, preset["segmentor"].get("norm", "instance"))
+    r = unet(preset["reconstructor"]["widths"], 1, 3, preset["reconstructor"].get("norm", "instance"))
     d = preset["discriminator"]
     return s, r, PatchDiscriminator(1, d["channels"], d["layers"]), PatchDiscriminator(3, d["channels"], d["layers"])
 
@@ -456,8 +456,9 @@ def method_config(preset: dict[str, Any], scale: float, preset_name: str, extra:
 
     data = CONFIG.to_dict()
     params = copy.deepcopy(data["params"])
-    params.update({"preset": preset_name, "segmentor": {"widths": list(preset["segmentor"]["widths"])},
-                   "scale": float(scale)})
+    params.update({"preset": preset_name, "scale": float(scale),
+                   "segmentor": {"widths": list(preset["segmentor"]["widths"]),
+                                 "norm": preset["segmentor"].get("norm", "instance")}})
     params.update(extra or {})
     data["params"] = params
     return MethodConfig.from_dict(data)
