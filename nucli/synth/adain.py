@@ -5,8 +5,9 @@ three scales; at every scale the content features are renormalised to the
 channel-wise mean and standard deviation of the style features (adaptive
 instance normalisation), and the decoder upsamples the deepest ones while
 taking the shallower ones through skip connections -- those carry the
-content's spatial detail, so the refined image stays aligned with the
-deformed label.
+content's spatial detail -- and predicts a correction of the content image
+itself (a zero-initialised residual head), so the refined image stays aligned
+with the deformed label.
 
 Losses (the paper's Eq. 2, with E in place of VGG-19)::
 
@@ -64,19 +65,37 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Features [f1, f2, f3] -> RGB in [0, 1]; f3 is upsampled, f2 and f1 come in through skips."""
+    """Features [f1, f2, f3] -> RGB in [0, 1]; f3 is upsampled, f2 and f1 come in through skips.
+
+    Two output heads share the body: ``head`` decodes an image on its own (the
+    autoencoder that trains the encoder), ``residual`` predicts a correction
+    of the content image in logit space. The residual head starts at zero, so
+    the refiner starts as the identity on its content image and every change
+    it learns is a departure the losses asked for -- the image cannot drift
+    away from the deformed label it must stay aligned with.
+    """
 
     def __init__(self, channels: int = 16):
         super().__init__()
         c = channels
         self.up3 = nn.Sequential(_conv(4 * c, 2 * c), nn.Upsample(scale_factor=2, mode="nearest"))
         self.dec2 = nn.Sequential(_conv(4 * c, 2 * c), _conv(2 * c, c), nn.Upsample(scale_factor=2, mode="nearest"))
-        self.dec1 = nn.Sequential(_conv(2 * c, c), nn.Conv2d(c, 3, 3, padding=1))
+        self.dec1 = _conv(2 * c, c)
+        self.head = nn.Conv2d(c, 3, 3, padding=1)
+        self.residual = nn.Conv2d(c, 3, 3, padding=1)
+        nn.init.zeros_(self.residual.weight)
+        nn.init.zeros_(self.residual.bias)
 
-    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+    def body(self, feats: list[torch.Tensor]) -> torch.Tensor:
         f1, f2, f3 = feats
         x = self.dec2(torch.cat([self.up3(f3), f2], dim=1))
-        return torch.sigmoid(self.dec1(torch.cat([x, f1], dim=1)))
+        return self.dec1(torch.cat([x, f1], dim=1))
+
+    def forward(self, feats: list[torch.Tensor], content: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.body(feats)
+        if content is None:
+            return torch.sigmoid(self.head(x))
+        return torch.sigmoid(torch.logit(content.clamp(1e-3, 1 - 1e-3)) + self.residual(x))
 
 
 class StyleRefiner(nn.Module):
@@ -93,13 +112,13 @@ class StyleRefiner(nn.Module):
         """(refined image, AdaIN targets per scale)."""
         fc, fs = self.encoder(content), self.encoder(style)
         t = [adain(a, b) for a, b in zip(fc, fs)]
-        return self.decoder(t), t
+        return self.decoder(t, content), t
 
     def forward(self, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         return self.stylise(content, style)[0]
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Autoencoder pass (no AdaIN) used to train the encoder."""
+        """Autoencoder pass (no AdaIN, no content shortcut) used to train the encoder."""
         return self.decoder(self.encoder(x))
 
 
