@@ -396,6 +396,12 @@ def test_instances_split_touching_nuclei_at_detected_centres():
     lab = instances_full(p1, np.array([[20, 20], [20, 33], [2, 2]]))
     assert lab.max() == 3
     assert lab[20, 20] != lab[20, 33] and lab[20, 20] > 0 and lab[8, 52] > 0
+    # two detections in one round nucleus: no neck between them, so one nucleus
+    one = np.zeros((40, 60), np.float32)
+    one[(yy - 20) ** 2 + (xx - 30) ** 2 <= 100] = 0.9
+    merged = instances_full(one, np.array([[20, 26], [20, 34]]))
+    assert merged.max() == 1
+    assert instances_full(one, np.array([[20, 26], [20, 34]]), neck_depth=0).max() == 2
     s = gaussian_map((40, 60), [(20, 20), (20, 33)], 4.0)
     det = instances_detection(s, np.array([[20, 20], [20, 33]]))
     assert det.max() == 2 and det[20, 20] != det[20, 33]

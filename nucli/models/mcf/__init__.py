@@ -33,6 +33,7 @@ CONFIG = MethodConfig(
         "det_threshold": 0.4,
         "min_area": 8,
         "marker_radius": 2,
+        "neck_depth": 1.0,
         "unet": {"widths": [16, 32, 64, 128]},
     },
 )

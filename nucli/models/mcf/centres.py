@@ -73,12 +73,18 @@ def find_centres(s_map: np.ndarray, d_map: np.ndarray, min_response: float = 0.4
     """(n, 2) int (row, col): the maximum of ``D`` in each region of ``D > 0`` with response >= ``min_response``."""
     from scipy import ndimage as ndi
 
-    mask = (np.asarray(d_map) > 0) & (np.asarray(s_map) >= min_response)
+    d_map = np.asarray(d_map)
+    mask = (d_map > 0) & (np.asarray(s_map) >= min_response)
     labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
     if n == 0:
         return np.zeros((0, 2), np.int64)
-    pos = ndi.maximum_position(np.asarray(d_map), labels, index=np.arange(1, n + 1))
-    return np.asarray(pos, np.int64).reshape(-1, 2)
+    flat = np.flatnonzero(labels)  # only the (few) candidate pixels are sorted
+    lab = labels.ravel()[flat]
+    val = d_map.ravel()[flat]
+    order = np.lexsort((flat, -val, lab))  # by region, then largest D, then raster order
+    first = order[np.r_[True, lab[order][1:] != lab[order][:-1]]]
+    ys, xs = np.divmod(flat[first], d_map.shape[1])
+    return np.stack([ys, xs], axis=1).astype(np.int64)
 
 
 def centres_from_response(s_map: np.ndarray, p: int = P_DEFAULT, q: int = Q_DEFAULT,

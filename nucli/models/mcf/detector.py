@@ -165,7 +165,7 @@ class Detector:
             zf = torch.fft.rfft2(torch.from_numpy(z))  # (D, hp, wq)
             prod = spec[0] * zf[0]  # a loop over channels beats einsum here (memory-bound)
             for c in range(1, d):
-                prod.add_(spec[c] * zf[c])
+                prod.addcmul_(spec[c], zf[c])
             maps = torch.fft.irfft2(prod, s=(hp, wp))  # (F, hp, wp)
             if not self.fast:
                 maps = maps.view(self.n * self.k, self.u, hp, wp)

@@ -6,7 +6,10 @@ foreground ``p1 > seg_threshold`` is split by a watershed of its (smoothed)
 distance transform, seeded at the detected centres that fall inside it;
 foreground components without any detected centre (nuclei the segmentation
 branch found and the detection branch missed) become one nucleus each, seeded
-at their deepest point. Objects under ``min_area`` px are dropped.
+at their deepest point. Two touching regions that no neck separates -- the
+smaller of their distance peaks is less than ``neck_depth`` px above the
+saddle between them -- are one nucleus the detection saw twice and are
+merged (:func:`merge_without_neck`). Objects under ``min_area`` px are dropped.
 
 ``mode = "detection"`` is the paper's '-seg.' ablation (detection branch
 alone): the response map binarised at ``det_threshold`` (t1), split by a
@@ -25,7 +28,7 @@ import numpy as np
 from nucli.errors import InputError, WeightsError
 from nucli.models.base import Method, MethodConfig, TileResult
 from nucli.models.mcf import CONFIG
-from nucli.models.mcf.confidence import T1
+from nucli.models.mcf.confidence import T1_PAPER
 
 log = logging.getLogger("nucli.mcf")
 
@@ -36,7 +39,7 @@ DEFAULT_PARAMS: dict[str, Any] = dict(CONFIG.params)
 
 
 def instances_full(p1: np.ndarray, centres: np.ndarray, seg_threshold: float = 0.5, min_area: int = 8,
-                   marker_radius: int = 2) -> np.ndarray:
+                   marker_radius: int = 2, neck_depth: float = 1.0) -> np.ndarray:
     """Segmentation probability + detected centres -> (H, W) int32 instance labels."""
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
@@ -63,10 +66,65 @@ def instances_full(p1: np.ndarray, centres: np.ndarray, seg_threshold: float = 0
             _stamp(markers, np.asarray(deepest, np.int64).reshape(-1, 2), marker_radius, fg,
                    start=int(markers.max()) + 1)
     labels = watershed(-dist, markers, mask=fg)
+    if neck_depth > 0:
+        labels = merge_without_neck(labels, dist, neck_depth)
     return _drop_small(labels, min_area, relabel_sequential)
 
 
-def instances_detection(response: np.ndarray, centres: np.ndarray, det_threshold: float = T1,
+def merge_without_neck(labels: np.ndarray, dist: np.ndarray, depth: float) -> np.ndarray:
+    """Merge touching regions that no neck separates.
+
+    For two touching regions a, b with distance-map peaks ``Da``, ``Db`` and
+    saddle ``s`` (the highest distance value along their shared boundary, a
+    pixel pair's value being the smaller of the two), the regions are one
+    nucleus seen twice when ``min(Da, Db) - s < depth``. Repeated until stable.
+    """
+    from scipy import ndimage as ndi
+
+    labels = np.asarray(labels, np.int64)
+    dist = np.asarray(dist, np.float32)
+    for _ in range(20):
+        n = int(labels.max(initial=0))
+        if n < 2:
+            break
+        peak = np.asarray(ndi.maximum(dist, labels, index=np.arange(n + 1)), np.float32)
+        keys, saddles = [], []
+        for a, b, da, db in ((labels[:, :-1], labels[:, 1:], dist[:, :-1], dist[:, 1:]),
+                             (labels[:-1], labels[1:], dist[:-1], dist[1:])):
+            m = (a != b) & (a > 0) & (b > 0)
+            if m.any():
+                lo, hi = np.minimum(a[m], b[m]), np.maximum(a[m], b[m])
+                keys.append(lo * (n + 1) + hi)
+                saddles.append(np.minimum(da[m], db[m]))
+        if not keys:
+            break
+        key, sad = np.concatenate(keys), np.concatenate(saddles)
+        order = np.argsort(key, kind="stable")
+        key, sad = key[order], sad[order]
+        uniq, start = np.unique(key, return_index=True)
+        saddle = np.maximum.reduceat(sad, start)
+        a_ids, b_ids = np.divmod(uniq, n + 1)
+        merge = np.minimum(peak[a_ids], peak[b_ids]) - saddle < depth
+        if not merge.any():
+            break
+        parent = np.arange(n + 1)
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for a, b in zip(a_ids[merge], b_ids[merge]):
+            ra, rb = find(int(a)), find(int(b))
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+        roots = np.array([find(i) for i in range(n + 1)])
+        labels = roots[labels]
+    return labels.astype(np.int32)
+
+
+def instances_detection(response: np.ndarray, centres: np.ndarray, det_threshold: float = T1_PAPER,
                         min_area: int = 8, marker_radius: int = 2) -> np.ndarray:
     """Detection branch alone ('-seg.'): binarised response split at the detected centres."""
     from skimage.segmentation import watershed
@@ -147,7 +205,7 @@ class MCFMethod(Method):
                                           int(p["min_area"]), int(p["marker_radius"]))
             else:
                 lab = instances_full(item["p1"], item["centres"], float(p["seg_threshold"]), int(p["min_area"]),
-                                     int(p["marker_radius"]))
+                                     int(p["marker_radius"]), float(p["neck_depth"]))
             results.append(TileResult(labels=lab))
         return results
 
