@@ -208,3 +208,14 @@ def test_cli_enhance_image_writes_png_and_refuses_to_overwrite(tmp_path):
     assert r.exit_code == 2 and "--overwrite" in r.output
     r = runner.invoke(app, ["enhance", str(tmp_path / "missing.png"), "--weights", str(weights)])
     assert r.exit_code == 2
+
+
+def test_split_h_separates_a_merged_body_and_zero_keeps_it():
+    yy, xx = np.mgrid[:80, :80]
+    blob = ((yy - 40) ** 2 + (xx - 28) ** 2 < 14 ** 2) | ((yy - 40) ** 2 + (xx - 52) ** 2 < 14 ** 2)
+    p = np.zeros((3, 80, 80), np.float32)
+    p[0], p[1] = ~blob, blob
+    assert instances_from_probs(p, PostprocessParams(split_h=0.0)).max() == 1
+    split = instances_from_probs(p, PostprocessParams(split_h=1.0))
+    assert split.max() == 2
+    assert split[40, 20] != split[40, 60] and split[40, 20] > 0 and split[40, 60] > 0

@@ -40,10 +40,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "generator": {"channels": 16, "n_down": 2, "n_blocks": 9, "max_channels": 48, "input_skip": True},
         "discriminator": {"dim": 128, "patch": 8, "base_size": 256, "heads": 4, "window": 8},
         "unet": {"widths": [16, 32, 64, 128]},
-        "crop": 256, "batch": 6, "epochs": 11.5,
+        "crop": 256, "batch": 6, "epochs": 9.375,
         "gan": {"lr": 4e-4, "lam": 0.01},
         "unet_train": {"lr": 1e-3, "epochs": 4},
-        "finetune": {"lr": 2e-4, "epochs": 3},
+        "finetune": {"lr": 2e-4, "epochs": 2},
     },
 }
 
@@ -238,6 +238,7 @@ def tune_postprocess(probs: list[np.ndarray], labels: list[np.ndarray], start: d
         "background_threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
         "min_area": [4, 10, 20, 30],
         "min_seed_area": [1, 3, 6],
+        "split_h": [0.0, 1.0, 2.0, 3.0, 5.0],
     }
     cur = dict(PostprocessParams().__dict__)
     cur.update(start or {})
@@ -270,14 +271,14 @@ def assemble_raw(out_dir: Path, preset_name: str, val_dir: Path | None) -> dict[
 
     from nucli.models.gensegnet.generator import PassThrough
     from nucli.models.gensegnet.method import GenSegNet
-    from nucli.training.data import load_dataset
+    from nucli.training.data import load_dataset, val_crops
     from nucli.training.loop import load_module
 
     out_dir = Path(out_dir)
     _, _, unet = build_networks(PRESETS[preset_name])
     load_module(out_dir / "raw.best.safetensors", unet)
     gen = PassThrough()
-    val = load_dataset(val_dir, out_dir / "cache") if val_dir else []
+    val = val_crops(load_dataset(val_dir, out_dir / "cache"), 512) if val_dir else []
     cfg = method_config(preset_name, extra={"generator": None, "segmentation_stage": "raw"})
     params, metrics = (tune_postprocess(_val_probs(GenSegNet(cfg, gen, unet), val), [s.labels for s in val])
                        if val else (dict(cfg.params["postprocess"]), {}))
@@ -299,7 +300,7 @@ def assemble(out_dir: Path, preset_name: str, val_dir: Path | None, unet_stage: 
     import json
 
     from nucli.models.gensegnet.method import GenSegNet
-    from nucli.training.data import load_dataset
+    from nucli.training.data import load_dataset, val_crops
     from nucli.training.loop import load_module
 
     out_dir = Path(out_dir)
@@ -308,7 +309,8 @@ def assemble(out_dir: Path, preset_name: str, val_dir: Path | None, unet_stage: 
     load_module(out_dir / "gan.best.safetensors", gen)
     candidates = [unet_stage] if unet_stage else [s for s in ("unet", "finetune")
                                                   if (out_dir / f"{s}.best.safetensors").exists()]
-    val = load_dataset(val_dir, out_dir / "cache") if val_dir else []
+    # centre crops (<= 512 px) of the val images keep threshold tuning affordable on a CPU
+    val = val_crops(load_dataset(val_dir, out_dir / "cache"), 512) if val_dir else []
     results: dict[str, Any] = {}
     best_stage, best_obj = None, -1.0
     for stage in candidates:

@@ -6,6 +6,11 @@ a band pixel belongs to the nuclei when it is nearer to a body than to the
 background (so the contour falls on the middle line of the band, shifted by
 ``band_bias`` px), and a watershed on the edge probability decides which seed
 it belongs to where two nuclei meet.
+
+With ``split_h > 0`` a body that the network left merged is split further:
+seeds are the regional maxima of the body's distance transform that stand
+``split_h`` px above their surroundings (h-maxima), and the watershed then runs
+on the negated distance transform of the nucleus mask.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class PostprocessParams:
     band_bias: float = 0.0  # px: > 0 moves contours outwards, < 0 inwards
     min_seed_area: int = 3
     min_area: int = 10
+    split_h: float = 0.0  # > 0: also split a body at distance-transform maxima deeper than this (px)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PostprocessParams":
@@ -53,7 +59,16 @@ def instances_from_probs(prob: np.ndarray, params: PostprocessParams = Postproce
     d_body = ndi.distance_transform_edt(~seeds)
     d_bg = ndi.distance_transform_edt(~background) if background.any() else np.full(bg.shape, np.inf)
     mask = seeds | ((~background) & (d_body <= d_bg + params.band_bias))
-    labels = watershed(edge - body, markers, mask=mask).astype(np.int32)
+    if params.split_h > 0:
+        from skimage.morphology import h_maxima
+
+        depth = ndi.distance_transform_edt(seeds)
+        peaks = h_maxima(ndi.gaussian_filter(depth, 1.0), params.split_h) > 0
+        markers, _ = ndi.label(peaks & seeds)
+        elevation = -ndi.distance_transform_edt(mask)
+    else:
+        elevation = edge - body
+    labels = watershed(elevation, markers, mask=mask).astype(np.int32)
     if params.min_area > 1:
         sizes = np.bincount(labels.ravel())
         small = sizes < params.min_area
