@@ -4,10 +4,13 @@
                                        [--json results.json]
 
 The same run store (tiles x tiles full-tissue 512 px tiles of a synthetic H&E-like picture) is
-segmented on a fresh copy by each runner; the segmentation step alone is timed (clusters are started
-and their workers joined before the clock starts; their start-up time is reported apart). Every run's
-labels are checked equal to the serial run's. Medians over repeats after one warm-up run (imports
-and the method build on each worker; reported as first_run_s). Serial uses --threads torch threads in this process; Dask workers
+segmented on a fresh copy by each runner; the segmentation step alone is timed (all clusters are
+started and their workers joined first; start-up time is reported apart). The runners take turns
+(round-robin, one warm-up round for imports and the method build on each worker, reported as
+first_run_s), so a changing machine load hits them alike. Every run's labels are checked equal to
+the serial run's. Reported: median wall seconds, and CPU seconds of the client and worker processes
+("cores used" = CPU seconds / wall seconds: on a machine shared with other work, how much CPU the
+run actually got). Serial uses --threads torch threads in this process; Dask workers
 use one torch thread per worker thread (dask sets OMP_NUM_THREADS=1 in worker processes).
 """
 
@@ -77,7 +80,25 @@ def labels(path: Path) -> np.ndarray:
     return np.asarray(RunStore.open(path).array("labels")[:])
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
 def bench_method(entry: dict, pristine: Path, scratch: Path, args) -> dict:
+    """Every runner on fresh copies of the store, interleaved (A B C D E, A B C D E, ...) so that a
+    changing machine load hits them alike; wall and CPU seconds (client + worker processes)."""
+    import contextlib
+    import os
+
     from nucli.parallel import MethodRecipe, Runner
     from nucli.pipeline import segment_store
     from nucli.tiling.store import RunStore
@@ -89,45 +110,55 @@ def bench_method(entry: dict, pristine: Path, scratch: Path, args) -> dict:
                ("dask local 1 worker x 2 threads", lambda: Runner.local(workers=1, threads=2)),
                ("dask local 2 workers x 1 thread", lambda: Runner.local(workers=2, threads=1)),
                ("dask scheduler + 2 dask worker processes (loopback)", None)]
-    rows = {}
+    rows: dict[str, dict] = {}
     reference = None
-    for name, make in configs:
-        print(f"  {entry['name']}: {name}", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        with RunnerFor(make, scratch / f"cluster-{entry['name']}") as runner:
+    n = RunStore.open(pristine).n_tiles
+    with contextlib.ExitStack() as stack:
+        runners = {}
+        for name, make in configs:
+            t0 = time.perf_counter()
+            runner = stack.enter_context(RunnerFor(make, scratch / f"cluster-{entry['name']}"))
+            pids = [os.getpid()]
             if runner.is_dask:
-                runner.client.wait_for_workers(1 if runner.workers == 1 else 2, timeout=180)
-            startup = time.perf_counter() - t0
-            secs = []
-            first = None
-            for rep in range(args.repeats + 1):  # run 0 warms up: imports and the model build on each worker
+                runner.client.wait_for_workers(1 if runner.workers == 1 else 2, timeout=300)
+                pids += list(runner.client.run(os.getpid).values())
+            runners[name] = (runner, pids)
+            rows[name] = {"startup_s": round(time.perf_counter() - t0, 1), "wall": [], "cpu": []}
+        for rep in range(args.repeats + 1):  # round 0 warms up: imports and the method build on each worker
+            for name, _ in configs:
+                runner, pids = runners[name]
+                print(f"  {entry['name']}: round {rep}: {name}", file=sys.stderr, flush=True)
                 work = scratch / f"{entry['name']}-{rep}.zarr"
                 shutil.rmtree(work, ignore_errors=True)
                 shutil.copytree(pristine, work)
                 store = RunStore.open(work, mode="r+")
-                t1 = time.perf_counter()
+                c0, t1 = _cpu_seconds(pids), time.perf_counter()
                 segment_store(store, method, batch_size=args.batch_size, progress=False, runner=runner,
                               recipe=recipe if runner.is_dask else None)
-                if rep == 0:
-                    first = time.perf_counter() - t1
-                else:
-                    secs.append(time.perf_counter() - t1)
+                wall, cpu = time.perf_counter() - t1, _cpu_seconds(pids) - c0
                 lab = labels(work)
                 if reference is None:
                     reference = lab
                 elif not np.array_equal(lab, reference):
                     raise SystemExit(f"{name}: labels differ from the serial run")
                 shutil.rmtree(work, ignore_errors=True)
-        n = store.n_tiles
-        rows[name] = {"startup_s": round(startup, 1), "first_run_s": round(first, 2),
-                      "seconds": [round(s, 2) for s in secs],
-                      "median_s": round(median(secs), 2), "tiles_per_s": round(n / median(secs), 3),
-                      "load": load()}
-        print(f"    {rows[name]}", file=sys.stderr, flush=True)
-    one = rows["dask local 1 worker x 1 thread"]["median_s"]
-    two = rows["dask local 2 workers x 1 thread"]["median_s"]
+                if rep == 0:
+                    rows[name]["first_run_s"] = round(wall, 2)
+                else:
+                    rows[name]["wall"].append(round(wall, 2))
+                    rows[name]["cpu"].append(round(cpu, 2))
+                    rows[name].setdefault("load", []).append(load()[0])
+                print(f"    wall {wall:.1f} s, cpu {cpu:.1f} s, load {load()[0]}", file=sys.stderr, flush=True)
+    for name, row in rows.items():
+        row["median_s"] = round(median(row["wall"]), 2)
+        row["tiles_per_s"] = round(n / row["median_s"], 3)
+        row["cpu_s_per_tile"] = round(median(row["cpu"]) / n, 3)
+        row["cpu_share"] = round(median(row["cpu"]) / row["median_s"], 2)  # cores' worth of CPU it got
+    one = rows["dask local 1 worker x 1 thread"]
+    two = rows["dask local 2 workers x 1 thread"]
     return {"note": entry["note"], "tiles": n, "batch_size": args.batch_size, "runs": rows,
-            "speedup_2_workers_over_1": round(one / two, 2)}
+            "speedup_2_workers_over_1": round(one["median_s"] / two["median_s"], 2),
+            "cpu_share_2_workers_over_1": round(two["cpu_share"] / one["cpu_share"], 2)}
 
 
 class RunnerFor:
@@ -184,12 +215,15 @@ def main() -> None:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
-    lines = ["| method | runner | start-up s | segment s (median) | tiles/s |", "|---|---|---|---|---|"]
+    lines = ["| method | runner | start-up s | segment s (median) | tiles/s | CPU s/tile | cores used |",
+             "|---|---|---|---|---|---|---|"]
     for m, r in result["methods"].items():
         for name, row in r.get("runs", {}).items():
-            lines.append(f"| {m} | {name} | {row['startup_s']} | {row['median_s']} | {row['tiles_per_s']} |")
+            lines.append(f"| {m} | {name} | {row['startup_s']} | {row['median_s']} | {row['tiles_per_s']} | "
+                         f"{row['cpu_s_per_tile']} | {row['cpu_share']} |")
         if "speedup_2_workers_over_1" in r:
-            lines.append(f"| {m} | speed-up 2 workers / 1 | | {r['speedup_2_workers_over_1']}x | |")
+            lines.append(f"| {m} | speed-up 2 workers / 1 | | {r['speedup_2_workers_over_1']}x | | | "
+                         f"{r['cpu_share_2_workers_over_1']}x |")
     print("\n".join(lines), file=sys.stderr)
 
 

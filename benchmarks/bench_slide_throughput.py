@@ -7,8 +7,9 @@ slides of growing size: the memory must stay flat.
 Each slide (square, 0.5 um/px, JPEG, three tissue islands covering ~4 % of the area, made by
 ``nucli.synthetic.write_synthetic_slide`` and kept in --slides for reuse) is processed end to end
 (tile -> segment -> stitch -> GeoJSON + CSV) in its own subprocess, which reports its wall time per
-step and its peak resident memory (``ru_maxrss`` of itself and of any Dask worker processes it
-started). Tissue megapixels are the islands' exact area at level 0. GeNSeg-Net without shipped weights
+step, its CPU seconds (all threads, and any Dask worker processes it started: on a machine shared
+with other work the wall time grows with the load, the CPU time hardly does) and its peak resident
+memory (``ru_maxrss`` of itself and of its worker processes). Tissue megapixels are the islands' exact area at level 0. GeNSeg-Net without shipped weights
 runs its untrained network (labelled in the output).
 """
 
@@ -73,7 +74,11 @@ def run_one(args: argparse.Namespace) -> None:
     summary = stitch_to_outputs(store, resolve_outputs(out / "nuclei.geojson", ["csv"]), progress=False)
     times["stitch_export"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
     print(json.dumps({
+        "cpu_seconds": round(cpu, 1),
         "tiles": store.n_tiles, "nuclei": summary["nuclei"], "tissue_area_mm2": summary["tissue_area_mm2"],
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -132,6 +137,8 @@ def main() -> None:
         row.update({"size": size, "tissue_megapixels": round(tissue_mpx, 2),
                     "tissue_megapixels_per_s": round(tissue_mpx / row["seconds"]["total"], 3),
                     "seconds_per_tile": round(row["seconds"]["total"] / max(row["tiles"], 1), 3),
+                    "cpu_seconds_per_tile": round(row["cpu_seconds"] / max(row["tiles"], 1), 3),
+                    "tissue_megapixels_per_cpu_s": round(tissue_mpx / row["cpu_seconds"], 3),
                     "load_before": before, "load_after": load()})
         print(json.dumps(row), file=sys.stderr, flush=True)
         result["slides"].append(row)
@@ -139,12 +146,13 @@ def main() -> None:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
-    lines = ["| slide | tissue Mpx | tiles | nuclei | total s | tissue Mpx/s | s/tile | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| slide | tissue Mpx | tiles | nuclei | wall s | tissue Mpx/s | s/tile | CPU s/tile | peak RSS MB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["slides"]:
         lines.append(f"| {r['size']}² | {r['tissue_megapixels']} | {r['tiles']} | {r['nuclei']} | "
                      f"{r['seconds']['total']} | {r['tissue_megapixels_per_s']} | {r['seconds_per_tile']} | "
-                     f"{max(r['peak_rss_mb'], r['peak_rss_workers_mb'])} |")
+                     f"{r['cpu_seconds_per_tile']} | {max(r['peak_rss_mb'], r['peak_rss_workers_mb'])} | "
+                     f"{r['load_before'][0]} |")
     print("\n".join(lines), file=sys.stderr)
 
 
