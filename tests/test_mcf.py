@@ -505,8 +505,8 @@ def test_mask_residual_proposes_the_missed_nucleus(tmp_path):
     d = make_labelled_dir(tmp_path / "set", n_images=1)
     images = load_images(d)
     lab = images[0].labels
-    timg, _ = disc_image((64, 64), [(32, 32)], 5, seed=1)
-    bank = Bank.build([template_from(timg, 32, 32, 10)], small_params(k=1))
+    timg, _ = disc_image((64, 64), [(32, 32)], 6, seed=1)
+    bank = Bank.build([template_from(timg, 32, 32, 12)], small_params(k=1))
     p1 = (lab > 0).astype(np.float32) * 0.9
     target = np.zeros(lab.shape, np.uint8)
     ids = [i for i in np.unique(lab) if i]
@@ -514,12 +514,21 @@ def test_mask_residual_proposes_the_missed_nucleus(tmp_path):
 
     for i in ids[1:]:  # the detection found all but the first nucleus
         target[ndi.binary_erosion(lab == i, iterations=2)] = 1
-    new = propose_templates(bank, images, [p1], [target], n_new=2)
+    new = propose_templates(bank, images, [p1], [target], n_max=2)
     assert len(new) == 1
     cy, cx = ndi.center_of_mass(lab == ids[0])
     y, x = (int(v) for v in new[0].source.split("@")[1].split(","))
     assert abs(y - cy) <= 1 and abs(x - cx) <= 1
     assert 9.0 < new[0].diameter < 12.0
+    # a template is kept only when it raises the agreement between detection and segmentation
+    from nucli.models.mcf.complement import agreement, complement_bank
+
+    before = agreement(bank, images, [p1])
+    new_bank, added, info = complement_bank(bank, images, [p1], [target], n_new=1)
+    assert info["agreement_before"] == pytest.approx(before)
+    assert info["agreement_after"] >= before
+    assert len(new_bank.templates) == 1 + len(added)
+    assert (len(added) == 1) == (info["agreement_after"] > before)
 
 
 # ---------------------------------------------------------------- weights and method

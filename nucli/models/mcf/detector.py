@@ -135,15 +135,17 @@ class Detector:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        specs = []
-        g_specs = []
-        for kern in self.kernels:
-            specs.append(torch.fft.rfft2(torch.from_numpy(_embed(kern, hp, wp))).conj())
-        spec = torch.stack(specs).transpose(0, 1).contiguous()  # (D, F, hp, wp//2+1)
+        d = self.kernels[0].shape[0]
+        spec = torch.empty((d, len(self.kernels), hp, wp // 2 + 1), dtype=torch.complex64)
+        for f, kern in enumerate(self.kernels):
+            spec[:, f] = torch.fft.rfft2(torch.from_numpy(_embed(kern, hp, wp))).conj_physical()
+        g_spec = None
         if not self.fast:
-            for g in self.g_scales:
-                g_specs.append(torch.fft.rfft2(torch.from_numpy(_embed(g[None].astype(np.float32), hp, wp)[0])).conj())
-        entry = (spec, torch.stack(g_specs) if g_specs else None)
+            g_spec = torch.empty((len(self.g_scales), hp, wp // 2 + 1), dtype=torch.complex64)
+            for i, g in enumerate(self.g_scales):
+                g_spec[i] = torch.fft.rfft2(torch.from_numpy(_embed(g[None].astype(np.float32), hp, wp)[0])
+                                            ).conj_physical()
+        entry = (spec, g_spec)
         self._cache[key] = entry
         while len(self._cache) > CACHE_SHAPES:
             self._cache.popitem(last=False)
@@ -247,15 +249,20 @@ def _top_sum(x, t: int, dim: int):
 
 
 def calibrate_floor(detector: Detector, templates: list, fraction: float = 0.5) -> float:
-    """``fraction`` x the median raw peak response of the templates on their own windows."""
-    peaks = []
-    for t in templates:
-        fused, _ = detector.fused_cells(_template_feats(t, detector.params))
-        peaks.append(float(fused.max(initial=0.0)))
-    return float(fraction * np.median(peaks)) if peaks else 0.0
+    """``fraction`` x the median raw peak response of the templates on their own windows.
 
-
-def _template_feats(t, params: DetectorParams) -> np.ndarray:
+    The windows are edge-padded to one common size, so the filters' spectra
+    are computed once.
+    """
     from nucli.models.mcf.features import features
 
-    return features(t.window, cell=params.cell, **params.feat_kw)
+    if not templates:
+        return 0.0
+    side = max(t.size for t in templates)
+    peaks = []
+    for t in templates:
+        pad = (side - t.size) // 2
+        win = np.pad(t.window, ((0, 0), (pad, side - t.size - pad), (pad, side - t.size - pad)), mode="edge")
+        fused, _ = detector.fused_cells(features(win, cell=detector.params.cell, **detector.params.feat_kw))
+        peaks.append(float(fused.max(initial=0.0)))
+    return float(fraction * np.median(peaks))
