@@ -187,14 +187,20 @@ def test_three_step_training_writes_loadable_weights_and_resumes(tmp_path):
     assert (out / "sp.best.safetensors").read_bytes() == before
 
 
-def test_wrong_weights_are_clear_errors(tmp_path):
+def test_wrong_weights_are_clear_errors(tmp_path, monkeypatch):
+    import dataclasses
+
     from nucli.errors import WeightsError
+    from nucli.models import registry
     from nucli.models.registry import build_method
     from nucli.models.spatialprior import CONFIG
     from nucli.models.weights_io import save_weights
 
+    spec = registry.get_spec("spatialprior")
+    monkeypatch.setitem(registry._REGISTRY, "spatialprior",
+                        dataclasses.replace(spec, weights_file="not_installed.safetensors"))
     with pytest.raises(WeightsError, match="nucli train --method spatialprior"):
-        build_method("spatialprior")
+        build_method("spatialprior")  # no weights installed and none given
     other = save_weights(tmp_path / "other.safetensors", {"x": torch.zeros(2)}, "gensegnet", {})
     with pytest.raises(WeightsError, match="not 'spatialprior'"):
         build_method("spatialprior", weights=other)
