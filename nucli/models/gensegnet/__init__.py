@@ -16,9 +16,10 @@ CPU_PARAMS = {
     "preset": "cpu",
     "generator": {"channels": 16, "n_down": 2, "n_blocks": 9, "max_channels": 48, "input_skip": True},
     "unet": {"widths": [16, 32, 64, 128]},
-    "postprocess": {"body_threshold": 0.5, "background_threshold": 0.5, "band_bias": 0.0,
-                    "min_seed_area": 3, "min_area": 10},
+    "postprocess": {"body_threshold": 0.5, "background_threshold": 0.3, "band_bias": 0.0,
+                    "min_seed_area": 6, "min_area": 20, "split_h": 1.0},
     "bf16": False,
+    "segmentation_stage": "unet",
 }
 
 CONFIG = MethodConfig(
@@ -46,7 +47,7 @@ SPEC = register(
         config=CONFIG,
         builder=_build,
         weights_file="gensegnet_cpu.safetensors",
-        weights_sha256=None,
+        weights_sha256="7fab871b77f70864b168730f9e15b16c6e635ceff543a06e3bd827dcfa733277",
         needs_weights=True,
     )
 )
