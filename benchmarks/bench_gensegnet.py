@@ -4,13 +4,17 @@
 
 Tiles come from the H&E slide and DSB2018 test images in ../shared/data when present
 (real content matters for the watershed), else synthetic blobs. Prints one JSON object:
-the median (and min) over repeats of each stage, per tile, for batch sizes 1 and 4.
+the median (and min) over repeats of each stage, per tile, for batch sizes 1 and 4, as
+wall-clock seconds and as CPU seconds of this process (on a machine shared with other
+jobs the wall time is inflated; with --threads 1 the CPU time is what the stage costs one
+core, i.e. its wall time on an otherwise idle core).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -75,24 +79,28 @@ def main() -> None:
         method.generator.to(memory_format=torch.channels_last)
         method.unet.to(memory_format=torch.channels_last)
     tiles = real_tiles(max(args.batch))
-    result = {"threads": args.threads, "bf16": args.bf16, "channels_last": args.channels_last,
+    result = {"threads": args.threads, "load_average": [round(x, 2) for x in os.getloadavg()], "bf16": args.bf16, "channels_last": args.channels_last,
               "torch": torch.__version__, "tile": list(tiles.shape[1:3]), "per_tile_seconds": {}}
     for b in args.batch:
         batch = tiles[:b]
         method.segment(batch)  # warm-up
-        times: dict[str, list[float]] = {"enhance": [], "unet": [], "postprocess": [], "total": []}
+        stages = ("enhance", "unet", "postprocess", "total")
+        wall: dict[str, list[float]] = {k: [] for k in stages}
+        cpu: dict[str, list[float]] = {k: [] for k in stages}
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             e = method.enhance(batch)
-            t1 = time.perf_counter()
+            w1, c1 = time.perf_counter(), time.process_time()
             p = method.classify(e)
-            t2 = time.perf_counter()
+            w2, c2 = time.perf_counter(), time.process_time()
             method.postprocess(p)
-            t3 = time.perf_counter()
-            for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-                times[k].append(v / b)
+            w3, c3 = time.perf_counter(), time.process_time()
+            for k, wv, cv in zip(stages, (w1 - w0, w2 - w1, w3 - w2, w3 - w0), (c1 - c0, c2 - c1, c3 - c2, c3 - c0)):
+                wall[k].append(wv / b)
+                cpu[k].append(cv / b)
         result["per_tile_seconds"][f"batch{b}"] = {
-            k: {"median": round(statistics.median(v), 4), "min": round(min(v), 4)} for k, v in times.items()}
+            k: {"wall_median": round(statistics.median(wall[k]), 4), "wall_min": round(min(wall[k]), 4),
+                "cpu_median": round(statistics.median(cpu[k]), 4)} for k in stages}
     print(json.dumps(result, indent=2))
 
 
