@@ -8,7 +8,6 @@ import logging
 import sys
 from typing import Any, Callable, TypeVar
 
-import click
 import typer
 from rich.console import Console
 
@@ -28,7 +27,9 @@ def stderr() -> Console:
 
 
 def _debug_enabled() -> bool:
-    ctx = click.get_current_context(silent=True)
+    from typer.main import get_current_context  # typer bundles its own click
+
+    ctx = get_current_context(silent=True)
     if ctx is None:
         return False
     root = ctx.find_root()
