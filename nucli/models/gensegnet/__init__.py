@@ -18,7 +18,7 @@ CPU_PARAMS = {
     "unet": {"widths": [16, 32, 64, 128]},
     "postprocess": {"body_threshold": 0.5, "background_threshold": 0.3, "band_bias": 0.0,
                     "min_seed_area": 6, "min_area": 20, "split_h": 1.0},
-    "bf16": False,
+    "bf16": "auto",  # bfloat16 autocast where the CPU supports it natively (accuracy-neutral on DSB2018)
     "segmentation_stage": "unet",
 }
 
@@ -47,7 +47,7 @@ SPEC = register(
         config=CONFIG,
         builder=_build,
         weights_file="gensegnet_cpu.safetensors",
-        weights_sha256="7fab871b77f70864b168730f9e15b16c6e635ceff543a06e3bd827dcfa733277",
+        weights_sha256="159f70124e7fa74ece24f48889efb2b0af9184f03b46b62a3d141097ebd06721",
         needs_weights=True,
     )
 )

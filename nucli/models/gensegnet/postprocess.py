@@ -28,6 +28,7 @@ class PostprocessParams:
     min_seed_area: int = 3
     min_area: int = 10
     split_h: float = 0.0  # > 0: also split a body at distance-transform maxima deeper than this (px)
+    max_diameter: int = 0  # > 0: drop instances whose bounding box is larger (px) -- the method's stated bound
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PostprocessParams":
@@ -69,12 +70,16 @@ def instances_from_probs(prob: np.ndarray, params: PostprocessParams = Postproce
     else:
         elevation = edge - body
     labels = watershed(elevation, markers, mask=mask).astype(np.int32)
+    drop = np.zeros(int(labels.max()) + 1, bool)
     if params.min_area > 1:
-        sizes = np.bincount(labels.ravel())
-        small = sizes < params.min_area
-        small[0] = False
-        if small.any():
-            labels[small[labels]] = 0
+        drop |= np.bincount(labels.ravel(), minlength=drop.size) < params.min_area
+    if params.max_diameter > 0:
+        for idx, sl in enumerate(ndi.find_objects(labels), start=1):
+            if sl is not None and max(s.stop - s.start for s in sl) > params.max_diameter:
+                drop[idx] = True
+    drop[0] = False
+    if drop.any():
+        labels[drop[labels]] = 0
     return relabel(labels)
 
 
