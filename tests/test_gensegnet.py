@@ -219,3 +219,21 @@ def test_split_h_separates_a_merged_body_and_zero_keeps_it():
     split = instances_from_probs(p, PostprocessParams(split_h=1.0))
     assert split.max() == 2
     assert split[40, 20] != split[40, 60] and split[40, 20] > 0 and split[40, 60] > 0
+
+
+def test_instances_larger_than_max_diameter_are_dropped():
+    p = np.zeros((3, 120, 120), np.float32)
+    p[0] = 1
+    p[0, 10:100, 10:30], p[1, 10:100, 10:30] = 0, 1  # 90 px long
+    p[0, 50:60, 60:70], p[1, 50:60, 60:70] = 0, 1  # 10 px
+    assert instances_from_probs(p, PostprocessParams(max_diameter=0)).max() == 2
+    kept = instances_from_probs(p, PostprocessParams(max_diameter=64))
+    assert kept.max() == 1 and kept[55, 65] == 1 and kept[50, 20] == 0
+
+
+def test_bf16_setting():
+    from nucli.models.gensegnet.method import use_bf16
+
+    assert use_bf16(False, torch.device("cpu")) is False
+    assert use_bf16(True, torch.device("cpu")) is True
+    assert isinstance(use_bf16("auto", torch.device("cpu")), bool)
