@@ -226,7 +226,8 @@ def test_instances_larger_than_max_diameter_are_dropped():
     p[0] = 1
     p[0, 10:100, 10:30], p[1, 10:100, 10:30] = 0, 1  # 90 px long
     p[0, 50:60, 60:70], p[1, 50:60, 60:70] = 0, 1  # 10 px
-    assert instances_from_probs(p, PostprocessParams(max_diameter=0)).max() == 2
+    p[0, 100:103, 40:110], p[1, 100:103, 40:110] = 0, 1  # 70 px long: radius 35 > 64 / 2 - 1
+    assert instances_from_probs(p, PostprocessParams(max_diameter=0)).max() == 3
     kept = instances_from_probs(p, PostprocessParams(max_diameter=64))
     assert kept.max() == 1 and kept[55, 65] == 1 and kept[50, 20] == 0
 
