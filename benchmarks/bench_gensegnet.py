@@ -1,6 +1,6 @@
 """Seconds per 512x512 tile for each GeNSeg-Net stage (enhancement, U-Net, post-processing).
 
-    python benchmarks/bench_gensegnet.py [--weights W] [--threads 2] [--repeats 7] [--bf16] [--channels-last]
+    python benchmarks/bench_gensegnet.py [--weights W] [--threads 2] [--repeats 7] [--bf16/--no-bf16] [--channels-last]
 
 Tiles come from the H&E slide and DSB2018 test images in ../shared/data when present
 (real content matters for the watershed), else synthetic blobs. Prints one JSON object:
@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both networks")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="force bfloat16 autocast on/off (default: the weights' setting, 'auto')")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     args = ap.parse_args()
@@ -74,12 +75,13 @@ def main() -> None:
     from nucli.models.registry import build_method
 
     method = build_method("gensegnet", weights=args.weights)
-    method.bf16 = args.bf16
+    if args.bf16 is not None:
+        method.bf16 = args.bf16
     if args.channels_last:
         method.generator.to(memory_format=torch.channels_last)
         method.unet.to(memory_format=torch.channels_last)
     tiles = real_tiles(max(args.batch))
-    result = {"threads": args.threads, "load_average": [round(x, 2) for x in os.getloadavg()], "bf16": args.bf16, "channels_last": args.channels_last,
+    result = {"threads": args.threads, "load_average": [round(x, 2) for x in os.getloadavg()], "bf16": method.bf16, "channels_last": args.channels_last,
               "torch": torch.__version__, "tile": list(tiles.shape[1:3]), "per_tile_seconds": {}}
     for b in args.batch:
         batch = tiles[:b]
