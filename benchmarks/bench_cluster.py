@@ -140,7 +140,10 @@ def bench_method(entry: dict, pristine: Path, scratch: Path, args) -> dict:
                 if reference is None:
                     reference = lab
                 elif not np.array_equal(lab, reference):
-                    raise SystemExit(f"{name}: labels differ from the serial run")
+                    diff = (lab != reference).reshape(len(lab), -1).sum(1)
+                    raise SystemExit(f"{name}: labels differ from the serial run: differing pixels per tile "
+                                     f"{diff.tolist()}; nuclei per tile here {lab.reshape(len(lab), -1).max(1).tolist()}"
+                                     f", serial {reference.reshape(len(lab), -1).max(1).tolist()}")
                 shutil.rmtree(work, ignore_errors=True)
                 if rep == 0:
                     rows[name]["first_run_s"] = round(wall, 2)
