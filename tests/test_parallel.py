@@ -426,6 +426,17 @@ def test_method_errors_on_a_worker_reach_the_user(tmp_path, pristine, local_runn
     assert int(store.done("segment").sum()) == 0
 
 
+def test_a_local_cluster_that_cannot_start_is_a_clear_error(monkeypatch):
+    import distributed
+
+    def broken(*a, **k):
+        raise RuntimeError("Nanny failed to start.")
+
+    monkeypatch.setattr(distributed, "LocalCluster", broken)
+    with pytest.raises(ProcessingError, match="could not start 2 local Dask worker.*without --workers"):
+        Runner.local(workers=2).client
+
+
 # ----------------------------------------------------------------------------- options
 def test_runner_options():
     assert make_runner().mode == "serial"

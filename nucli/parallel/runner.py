@@ -181,10 +181,15 @@ class Runner:
             raise NotAvailableError("parallel runs need dask.distributed; install it with "
                                     "`pip install distributed`") from None
         if self.mode == "local":
-            self._cluster = LocalCluster(n_workers=int(self.workers or os.cpu_count() or 1),
-                                         threads_per_worker=int(self.threads or 1), processes=True,
-                                         host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                                         silence_logs=logging.ERROR)
+            n = int(self.workers or os.cpu_count() or 1)
+            try:
+                self._cluster = LocalCluster(n_workers=n, threads_per_worker=int(self.threads or 1), processes=True,
+                                             host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                             silence_logs=logging.ERROR)
+            except Exception as exc:  # noqa: BLE001 - distributed raises RuntimeError/OSError/TimeoutError
+                raise ProcessingError(f"could not start {n} local Dask worker process(es) ({type(exc).__name__}: "
+                                      f"{exc}); run without --workers, or start Python from a script file "
+                                      "(worker processes re-import it)") from None
             self._client = Client(self._cluster)
         elif self.mode == "scheduler":
             address = str(self.scheduler)
