@@ -66,7 +66,6 @@ def bench_speed(n: int, runs: int, seed: int) -> dict:
     from nucli.models.mcf.bank import Bank
     from nucli.models.mcf.centres import centres_from_response
     from nucli.models.mcf.features import features, prepare
-    from nucli.models.mcf.fusion import normalise
 
     if (DATA / "train").is_dir():
         templates = tp.from_labels(DATA / "train", n=n, seed=seed)
@@ -85,15 +84,14 @@ def bench_speed(n: int, runs: int, seed: int) -> dict:
     det = bank.detector
     p = det.params
     prep = prepare(img)
-    cold, first = _timed(lambda: det.detect(prep), 1, "first_call")
+    cold, _ = _timed(lambda: det.detect(prep), 1, "first_call")
     total, result = _timed(lambda: det.detect(prep), runs, "detect")
     prep_s, _ = _timed(lambda: prepare(img), runs, "prepare")
     feat_s, feats = _timed(lambda: features(prep, cell=p.cell, **p.feat_kw), runs, "features")
-    fuse_s, (fused, _) = _timed(lambda: det.fused_cells(feats), runs, "fft_correlation_and_fusion")
+    fuse_s, _ = _timed(lambda: det.fused_cells(feats), runs, "fft_correlation_and_fusion")
     norm_s, s_map = _timed(lambda: det.response(prep)[0], runs, "features+fusion+upsample+normalise")
     cent_s, _ = _timed(lambda: centres_from_response(s_map, p.p, p.q, p.min_response), runs,
                        "gradient_direction_centres")
-    del first, fused, normalise
     import os
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

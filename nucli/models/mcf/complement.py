@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from nucli.errors import InputError
-from nucli.models.mcf.confidence import IGNORE, T1, T2, T3, T4
+from nucli.models.mcf.confidence import T1, T2, T3, T4
 
 log = logging.getLogger("nucli.mcf")
 

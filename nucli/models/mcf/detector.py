@@ -231,13 +231,13 @@ def _top_sum(x, t: int, dim: int):
     if t >= n:
         return x.sum(dim=dim)
     xs = x.unbind(dim)
-    top = sorted_slices = [xs[j].clone() for j in range(t)]
+    top = [xs[j].clone() for j in range(t)]
     for i in range(t):  # bubble-sort the first t, largest first
         for j in range(t - 1 - i):
-            hi = torch.maximum(sorted_slices[j], sorted_slices[j + 1])
-            sorted_slices[j + 1] = torch.minimum(sorted_slices[j], sorted_slices[j + 1])
-            sorted_slices[j] = hi
-    for v in xs[t:]:
+            hi = torch.maximum(top[j], top[j + 1])
+            top[j + 1] = torch.minimum(top[j], top[j + 1])
+            top[j] = hi
+    for v in xs[t:]:  # insert each further slice into the sorted t
         for j in range(t):
             hi = torch.maximum(top[j], v)
             v = torch.minimum(top[j], v)
