@@ -253,7 +253,7 @@ def test_registered_with_the_expected_config():
 
     spec = get_spec(NAME)
     assert spec.needs_weights and spec.weights_file == "harunet_cpu.safetensors"
-    assert spec.config.mpp == 0.5 and spec.config.overlap == 64
+    assert spec.config.mpp == 0.5 and spec.config.overlap == 128
     assert spec.config.max_nucleus_diameter_px <= spec.config.overlap
     json.dumps(spec.config.to_dict())
 
@@ -342,3 +342,15 @@ def test_train_command_writes_loadable_weights(tmp_path):
     assert res.exit_code == 2 and "--resume" in res.output
     res = CliRunner().invoke(app, args + ["--resume"])
     assert res.exit_code == 0, res.output
+
+
+def test_objects_wider_than_the_overlap_are_dropped_not_cut():
+    from nucli.models.harunet import maps_to_labels
+
+    maps = np.zeros((2, 200, 200), np.float32)
+    yy, xx = np.mgrid[:200, :200]
+    maps[0][(yy - 50) ** 2 + (xx - 50) ** 2 <= 10**2] = 1  # a nucleus
+    maps[0][120:190, 20:190] = 1  # a 170 px wide clump
+    kept = maps_to_labels(maps, {"min_area": 1}, max_diameter=64)
+    assert kept.max() == 1 and kept[50, 50] == 1 and not kept[150, 100]
+    assert maps_to_labels(maps, {"min_area": 1}).max() == 2  # no cap: both

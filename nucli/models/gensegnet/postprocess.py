@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nucli.postprocess import centroid_radius  # noqa: F401 - shared; re-exported for callers of this module
+
 
 @dataclass(frozen=True)
 class PostprocessParams:
@@ -79,24 +81,6 @@ def instances_from_probs(prob: np.ndarray, params: PostprocessParams = Postproce
     if drop.any():
         labels[drop[labels]] = 0
     return relabel(labels)
-
-
-def centroid_radius(labels: np.ndarray) -> np.ndarray:
-    """Per label id: the largest distance (px) from the instance's centroid to one of its pixels.
-
-    An instance whose radius stays below ``overlap / 2`` cannot reach a tile edge while
-    its centroid lies in the tile's core, so tiled runs never cut a nucleus they own.
-    """
-    n = int(labels.max()) + 1
-    rr, cc = np.nonzero(labels)
-    ids = labels[rr, cc]
-    cnt = np.maximum(np.bincount(ids, minlength=n), 1)
-    cy = np.bincount(ids, rr, n) / cnt
-    cx = np.bincount(ids, cc, n) / cnt
-    d2 = (rr - cy[ids]) ** 2 + (cc - cx[ids]) ** 2
-    out = np.zeros(n)
-    np.maximum.at(out, ids, d2)
-    return np.sqrt(out)
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:

@@ -38,9 +38,9 @@ DEFAULT_CONFIG = MethodConfig(
     name=NAME,
     mpp=0.5,  # DSB2018-scale nuclei are assumed to be at ~0.5 µm/px
     nucleus_diameter_px=20.0,
-    max_nucleus_diameter_px=64,
-    tile_size=512,
-    overlap=64,
+    max_nucleus_diameter_px=128,  # as GeNSeg-Net: DSB2018-scale nuclei reach 63 px from their centroid
+    tile_size=768,
+    overlap=128,
     batch_size=4,
     params=dict(DEFAULT_PARAMS),
 )
@@ -79,18 +79,24 @@ def predict_maps(net: Any, images: np.ndarray, device: str = "cpu") -> np.ndarra
     return prob.float().cpu().numpy()
 
 
-def maps_to_labels(maps: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
-    """(2, H, W) [mask, contour] probabilities -> (H, W) int32 instances with ``params`` thresholds."""
+def maps_to_labels(maps: np.ndarray, params: dict[str, Any] | None = None, max_diameter: float = 0) -> np.ndarray:
+    """(2, H, W) [mask, contour] probabilities -> (H, W) int32 instances with ``params`` thresholds.
+
+    ``max_diameter`` > 0 drops instances reaching farther than ``max_diameter / 2 - 1`` px
+    from their centroid (see :func:`nucli.postprocess.drop_oversized`).
+    """
     from nucli.models.harunet.postprocess import instances_from_maps
+    from nucli.postprocess import drop_oversized
 
     p = {**DEFAULT_PARAMS, **(params or {})}
-    return instances_from_maps(
+    labels = instances_from_maps(
         maps[0], maps[1],
         mask_threshold=float(p["mask_threshold"]),
         contour_threshold=float(p["contour_threshold"]),
         min_seed_area=int(p["min_seed_area"]),
         min_area=int(p["min_area"]),
     )
+    return drop_oversized(labels, max_diameter)
 
 
 class HARUNetMethod(Method):
@@ -112,7 +118,8 @@ class HARUNetMethod(Method):
         return self.predict_maps(preprocess(tiles))
 
     def postprocess(self, raw: np.ndarray) -> list[TileResult]:
-        return [TileResult(labels=maps_to_labels(maps, self.config.params)) for maps in np.asarray(raw)]
+        cap = float(self.config.max_nucleus_diameter_px)
+        return [TileResult(labels=maps_to_labels(maps, self.config.params, cap)) for maps in np.asarray(raw)]
 
 
 def build_network(preset: str = "cpu", in_channels: int = 1) -> Any:

@@ -23,9 +23,9 @@ CONFIG = MethodConfig(
     name="mcf",
     mpp=0.5,  # assumed, as for the other methods trained on DSB2018 (no pixel size given)
     nucleus_diameter_px=20.0,
-    max_nucleus_diameter_px=64,
-    tile_size=512,
-    overlap=64,
+    max_nucleus_diameter_px=128,  # DSB2018-scale nuclei reach 63 px from their centroid
+    tile_size=768,
+    overlap=128,
     batch_size=4,
     params={
         "mode": "full",

@@ -197,6 +197,8 @@ class MCFMethod(Method):
         return out
 
     def postprocess(self, raw: list[dict[str, Any]]) -> list[TileResult]:
+        from nucli.postprocess import drop_oversized
+
         p = self.p
         results = []
         for item in raw:
@@ -206,7 +208,7 @@ class MCFMethod(Method):
             else:
                 lab = instances_full(item["p1"], item["centres"], float(p["seg_threshold"]), int(p["min_area"]),
                                      int(p["marker_radius"]), float(p["neck_depth"]))
-            results.append(TileResult(labels=lab))
+            results.append(TileResult(labels=drop_oversized(lab, float(self.config.max_nucleus_diameter_px))))
         return results
 
 
