@@ -163,15 +163,29 @@ def _segments_whole(method: Method) -> bool:
 
 
 class SegmentJob:
-    """One batch of ``segment``: read tiles -> model -> post-process + write (see :class:`nucli.parallel.TileJob`)."""
+    """One batch of ``segment``: read tiles -> model -> post-process + write (see :class:`nucli.parallel.TileJob`).
+
+    ``from_enhanced``: read the enhanced tiles ``nucli enhance`` stored instead of the
+    slide's pixels and run only the method's second stage (``method.classify``), for a
+    method with an enhancement stage whose complete output is in the store.
+    """
 
     stage = STAGE
 
+    def __init__(self, from_enhanced: bool = False):
+        self.from_enhanced = bool(from_enhanced)
+
     def load(self, store: RunStore, batch) -> np.ndarray:
         w, h = batch.extent
+        if self.from_enhanced:
+            from nucli.models.gensegnet.enhance import ARRAY as ENHANCED
+
+            return np.stack([store.read(ENHANCED, i)[:h, :w] for i in batch.members])
         return np.stack([store.read_tile(i)[:h, :w] for i in batch.members])
 
     def compute(self, method: Method, pixels: np.ndarray):
+        if self.from_enhanced:
+            return "raw", method.classify(pixels)
         if _segments_whole(method):
             return "results", method.segment(pixels)
         return "raw", method.infer(pixels)
@@ -189,6 +203,15 @@ class SegmentJob:
     def run(self, store: RunStore, method: Method, batch) -> int:
         self.finish(store, method, batch, self.compute(method, self.load(store, batch)))
         return len(batch.members)
+
+
+def uses_stored_enhancement(store: RunStore, method: Method) -> bool:
+    """True when ``method`` has a separate enhancement stage and ``store`` holds its complete output."""
+    if not (hasattr(method, "classify") and hasattr(method, "enhance")):
+        return False
+    from nucli.models.gensegnet.enhance import has_enhanced
+
+    return has_enhanced(store, method)
 
 
 def segment_store(
@@ -233,13 +256,16 @@ def segment_store(
         batches = plan_batches(todo, tile_extents(store), bs)
         log.info("segment: %d of %d tiles to do (batch %d%s, %s)", len(todo), total, bs,
                  f", shard {shard}" if shard else "", runner.describe())
+        job = SegmentJob(from_enhanced=uses_stored_enhancement(store, method))
+        if job.from_enhanced and len(todo):
+            log.info("segment: using the enhanced tiles stored by `nucli enhance` (generator not rerun)")
         with track(total=len(todo), description=f"Segmenting ({method.name})", enabled=progress) as advance:
             def step(n: int) -> None:
                 advance(n)
                 if on_batch is not None:
                     on_batch(n)
 
-            runner.run(store, SegmentJob(), method, batches, recipe=recipe, advance=step)
+            runner.run(store, job, method, batches, recipe=recipe, advance=step)
     return SegmentStats(total, done_before, len(todo), time.perf_counter() - start)
 
 

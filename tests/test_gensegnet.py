@@ -238,3 +238,26 @@ def test_bf16_setting():
     assert use_bf16(False, torch.device("cpu")) is False
     assert use_bf16(True, torch.device("cpu")) is True
     assert isinstance(use_bf16("auto", torch.device("cpu")), bool)
+
+
+def test_segment_store_uses_the_stored_enhancement(tmp_path):
+    from nucli.models.gensegnet.enhance import enhance_store, segment_from_store
+    from nucli.models.registry import build_method
+    from nucli.pipeline import segment_store, store_from_array, tile_extents, uses_stored_enhancement
+
+    method = build_method("gensegnet", weights=_tiny_weights(tmp_path))
+    image = np.random.default_rng(3).integers(0, 255, (150, 200, 3)).astype(np.uint8)
+    store = store_from_array(tmp_path / "run.zarr", image, tile_size=128, overlap=16)
+    assert not uses_stored_enhancement(store, method)
+    enhance_store(store, method, batch_size=3)
+    assert uses_stored_enhancement(store, method)
+
+    def no_generator(tiles):  # the generator must not run again
+        raise AssertionError("generator rerun")
+
+    method.enhance = no_generator
+    segment_store(store, method, progress=False)
+    for i in range(store.n_tiles):
+        expected = segment_from_store(store, method, [i], tuple(tile_extents(store)[i]))[0].labels
+        w, h = tile_extents(store)[i]
+        assert np.array_equal(store.read("labels", i)[:h, :w] > 0, expected[:h, :w] > 0)
