@@ -59,7 +59,7 @@ SPEC = register(
         config=CONFIG,
         builder=_build,
         weights_file="mcf_cpu.safetensors",
-        weights_sha256=None,
+        weights_sha256="8bd4ac4b617e55f2ad8618cb400ff0e7b13b8c451f68f3f42b6a1248df9c0bdb",
         needs_weights=True,
     )
 )
