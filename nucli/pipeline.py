@@ -75,6 +75,15 @@ def prepare(store: RunStore, method: Method, overwrite: bool = False) -> None:
         missing = int((~store.done("tile")).sum())
         raise StoreError(f"{store.path}: {missing} tiles were never written (tiling was interrupted); "
                          "rerun `nucli tile` with the same options to finish it")
+    lost = store.lost_tiles("tiles", "tile")
+    if len(lost):
+        raise StoreError(f"{store.path}: the pixels of {len(lost)} tiles are missing (files deleted from the store); "
+                         "rerun `nucli tile` (or `nucli segment` on the slide) with the same options to restore them")
+    lost = store.lost_tiles(LABELS, STAGE)
+    if len(lost):
+        log.warning("%s: the labels of %d segmented tiles are missing (files deleted from the store); "
+                    "segmenting them again", store.path, len(lost))
+        store.unmark_done(STAGE, lost)
     store.set_stage_meta(STAGE, method.describe(), overwrite=overwrite)
     if hasattr(store, "init_done"):
         store.init_done(STAGE)

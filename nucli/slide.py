@@ -65,6 +65,8 @@ LEVEL_TOLERANCE = 1e-3
 """Relative slack when comparing a pyramid level's downsample with a target."""
 MAX_READ_PIXELS = 2048 * 2048
 """Largest source window read at once; bigger requests are split (results are identical)."""
+MAX_SIDE = 1 << 20
+"""Largest slide width/height accepted (a 1,048,576 px side is > 100 mm at 0.1 µm/px): beyond, the header is damaged."""
 
 _FINGERPRINT_BYTES = 64 * 1024
 
@@ -417,6 +419,11 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
     if not backend.level_dimensions or min(backend.level_dimensions[0]) < 1:
         backend.close()
         raise InputError(f"{path} holds no image pixels")
+    if max(backend.level_dimensions[0]) > MAX_SIDE:
+        w, h = backend.level_dimensions[0]
+        backend.close()
+        raise InputError(f"{path}: its header gives {w} x {h} px, larger than any slide (nucli reads up to "
+                         f"{MAX_SIDE:,} px a side); the file is damaged")
     slide = Slide(path, backend, mpp)
     try:
         slide.verify()

@@ -22,6 +22,8 @@ log = logging.getLogger("nucli.slide")
 
 PLAUSIBLE_MPP = (0.01, 25.0)
 """Pixel sizes (µm/px) outside this range in a plain image's tags are ignored (e.g. 72 dpi)."""
+PHOTOMETRIC_SEPARATED = 5
+"""TIFF photometric interpretation of CMYK images (converted to RGB on reading)."""
 
 
 # ---------------------------------------------------------------------- helpers
@@ -174,6 +176,7 @@ class _ImageBackend(_Backend):
         self._levels: list[Any] = []  # arrays (zarr or numpy) per level
         self._index: Callable[[slice, slice], tuple] = lambda ys, xs: (ys, xs)
         self._channel_axis_first = False
+        self._cmyk = False
         if kind == "tiff":
             self._open_tiff(path)
         else:
@@ -198,6 +201,11 @@ class _ImageBackend(_Backend):
             raise InputError(f"{path}: cannot decode image ({type(exc).__name__}: {_short(exc)})") from None
         if arr.ndim == 3 and arr.shape[2] > 4 and arr.shape[0] <= 4:
             arr = np.moveaxis(arr, 0, -1)
+        if arr.ndim == 3 and arr.shape[2] == 4 and _pil_mode(path) == "CMYK":
+            from PIL import Image
+
+            with Image.open(path) as im:  # Pillow knows the JPEG's ink conventions (Adobe inverted CMYK)
+                arr = np.asarray(im.convert("RGB"))
         self._axes = "YXS" if arr.ndim == 3 else "YX"
         self._levels = [arr]
         self._check_channels(arr.shape[2] if arr.ndim == 3 else 1)
@@ -219,6 +227,11 @@ class _ImageBackend(_Backend):
             )
         channels = shape[axes.index(extra[0])] if extra else 1
         self._check_channels(channels)
+        if tif.pages[0].photometric == PHOTOMETRIC_SEPARATED:
+            if channels != 4 or np.dtype(series.dtype) != np.uint8:
+                raise InputError(f"{path}: {channels}-ink {series.dtype} CMYK image; nucli reads 8-bit CMYK "
+                                 "(convert it to RGB first)")
+            self._cmyk = True
         self._channel_axis_first = bool(extra) and axes.index(extra[0]) < axes.index("Y")
         self._axes = axes
         for lev in range(len(series.levels)):
@@ -293,6 +306,9 @@ class _ImageBackend(_Backend):
 
     def read_level(self, level, x, y, w, h, background):
         block = self._raw(level, x, y, w, h)
+        if self._cmyk:  # as libtiff (and so OpenSlide) converts: (255 - C) * (255 - K) / 255
+            ink = 255 - block.astype(np.uint16)
+            return ((ink[..., :3] * ink[..., 3:4]) // 255).astype(np.uint8)
         dtype = block.dtype
         c = block.shape[2]
         alpha = None
@@ -320,6 +336,16 @@ class _ImageBackend(_Backend):
     def close(self):
         if self._tif is not None:
             self._tif.close()
+
+
+def _pil_mode(path: Path) -> str | None:
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.mode
+    except Exception:  # noqa: BLE001 - only a hint for 4-channel images
+        return None
 
 
 def _tiff_mpp(tif) -> float | None:
@@ -389,13 +415,18 @@ def _check_tiff_complete(path: Path) -> str | None:
                 end = max((o + c for o, c in zip(offs, counts) if c), default=0)
                 if end > size:
                     return f"image data ends at byte {end} but the file has {size} bytes"
+                if getattr(page, "is_tiled", False) and offs:
+                    needed = math.prod(getattr(page, "chunked", ()) or (len(offs),))
+                    if len(offs) < needed:
+                        return (f"its header gives {page.imagewidth} x {page.imagelength} px, which needs {needed} "
+                                f"tiles, but the file holds {len(offs)}")
     except Exception as exc:  # noqa: BLE001 - tifffile raises many types for broken files
         return _short(exc)
     return None
 
 
 def _needs_conversion(path: Path) -> bool:
-    """True for TIFFs that are not 8-bit RGB(A): read them with the plain-image backend."""
+    """True for TIFFs that are not 8-bit RGB(A) (gray, 16-bit, CMYK, ...): read them with the plain-image backend."""
     import tifffile
 
     try:
@@ -403,6 +434,8 @@ def _needs_conversion(path: Path) -> bool:
             page = tif.pages[0]
             if any(getattr(tif, f"is_{k}", False) for k in ("svs", "ndpi", "scn", "bif", "philips")):
                 return False
+            if page.photometric == PHOTOMETRIC_SEPARATED:
+                return True
             return not (np.dtype(page.dtype) == np.uint8 and page.samplesperpixel in (3, 4))
     except Exception:  # noqa: BLE001
         return False

@@ -396,6 +396,11 @@ def stitch_store(store: RunStore, sinks: Sequence[Sink] = (), *, progress: bool 
             f"{store.path}: {missing} of {n_tiles} tiles are not segmented yet; "
             f"run `nucli segment {store.path} --method NAME -o OUT` first"
         )
+    for name, stage, redo in ((LABELS, STAGE, "segment"), ("tiles", "tile", "tile")):
+        lost = store.lost_tiles(name, stage)
+        if len(lost):
+            raise StoreError(f"{store.path}: the {name} of {len(lost)} tiles are missing (files deleted from the "
+                             f"store); rerun `nucli {redo}` with the same options to compute them again")
     frame = frame_of(store)
     grid = store.grid
     idx = store.indices()

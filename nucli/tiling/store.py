@@ -16,10 +16,15 @@ Layout (``RUN.zarr``; every array has one chunk per tile along axis 0)::
 Only tiles that touch tissue are stored (N <= rows*cols). Writes of different
 tiles touch different chunk files, so several processes (``--shard i/n``) can
 fill one store; a tile is "done" only after its data is written.
+
+Every write leaves its chunk file on disk, even an all-zero one (stores made so
+say ``"chunks_always_written": true`` in their metadata), so a chunk file deleted
+from a finished tile is told apart from an empty tile: :meth:`RunStore.lost_tiles`.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,12 +36,59 @@ from nucli.tiling.grid import TileGrid
 
 FORMAT_VERSION = 1
 ATTR_KEY = "nucli"
+ALL_CHUNKS_KEY = "chunks_always_written"
+_WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
 def _zarr():
     import zarr
 
     return zarr
+
+
+MAX_WORKING_SIDE = 1 << 22
+"""Largest working-resolution width/height a store may record (beyond any slide)."""
+
+
+def _is_int(v: Any, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _is_size(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_is_int(x, 1) and x <= MAX_WORKING_SIDE for x in v)
+
+
+def _is_positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a store's metadata (the fields every stage relies on), or None."""
+    if not _is_int(meta.get("n_tiles")):
+        return "n_tiles is not a count"
+    if not _is_int(meta.get("tile_size"), 1):
+        return "tile_size is not a positive integer"
+    if not (_is_int(meta.get("overlap")) and meta["overlap"] < meta["tile_size"]):
+        return "overlap is not an integer in [0, tile_size)"
+    if not _is_size(meta.get("working_size")):
+        return "working_size is not [width, height]"
+    if "channels" in meta and not _is_int(meta["channels"], 1):
+        return "channels is not a positive integer"
+    if meta.get("level0_size") is not None and not _is_size(meta["level0_size"]):
+        return "level0_size is not [width, height]"
+    for key in ("downsample", "source_mpp", "working_mpp"):
+        if meta.get(key) is not None and not _is_positive(meta[key]):
+            return f"{key} is not a positive number"
+    stages = meta.get("stages")
+    if stages is not None and not (isinstance(stages, dict) and all(isinstance(v, dict) for v in stages.values())):
+        return "stages is not a table of settings"
+    source = meta.get("source")
+    if source is not None and not isinstance(source, dict):
+        return "source is not a table"
+    rows, cols = TileGrid(*meta["working_size"], meta["tile_size"], meta["overlap"]).shape
+    if meta["n_tiles"] > rows * cols:
+        return f"{meta['n_tiles']} tiles recorded for a grid of {rows * cols}"
+    return None
 
 
 class RunStore:
@@ -81,6 +133,7 @@ class RunStore:
         full["tile_size"] = int(tile_size)
         full["channels"] = int(channels)
         full.setdefault("stages", {})
+        full[ALL_CHUNKS_KEY] = True
         g.attrs[ATTR_KEY] = full
         return cls(path, g)
 
@@ -108,7 +161,27 @@ class RunStore:
                 f"{path} was written by a newer nucli (store format {version}, this nucli reads "
                 f"<= {FORMAT_VERSION}); upgrade nucli"
             )
-        return cls(path, g)
+        problem = _meta_problem(meta)
+        if problem:
+            raise StoreError(f"{path}: run store metadata is damaged ({problem}); pass --overwrite to redo the run")
+        store = cls(path, g)
+        store._check_arrays()
+        return store
+
+    def _check_arrays(self) -> None:
+        """The tiles array fits the metadata, and the tile positions (one chunk each) are on disk."""
+        meta = self.meta
+        n, t = meta["n_tiles"], meta["tile_size"]
+        if self.has("tiles") and tuple(self._g["tiles"].shape[:3]) != (n, t, t):
+            raise StoreError(f"{self.path}: run store is damaged (tiles array of shape {self._g['tiles'].shape} "
+                             f"for {n} tiles of {t} px); pass --overwrite to redo the run")
+        if not meta.get(ALL_CHUNKS_KEY) or not n:
+            return
+        for name in ("index", "origin", "origin_level0"):
+            key = self._g[name].metadata.encode_chunk_key((0, 0)) if self.has(name) else None
+            if key is not None and not (self.path / name / key).is_file():
+                raise StoreError(f"{self.path}: the tile table '{name}' is missing (files deleted from the store); "
+                                 "pass --overwrite to redo the run")
 
     def reload(self) -> None:
         """Re-read the group (metadata written by another process since this one opened it)."""
@@ -168,8 +241,9 @@ class RunStore:
 
     # ------------------------------------------------------------------ arrays
     def array(self, name: str):
+        """Array ``name``; writes through it leave a chunk file even when the chunk is all fill value."""
         try:
-            return self._g[name]
+            return self._g[name].with_config(_WRITE_EVERY_CHUNK)
         except KeyError:
             raise StoreError(f"{self.path}: missing array '{name}' (store incomplete or damaged)") from None
 
@@ -236,3 +310,27 @@ class RunStore:
 
     def is_complete(self, stage: str) -> bool:
         return bool(self.done(stage).all())
+
+    def unmark_done(self, stage: str, indices) -> None:
+        """Mark tiles as not done (they are computed again by the next run)."""
+        if len(indices) and self.has(f"done/{stage}"):
+            arr = self._g[f"done/{stage}"]
+            for i in indices:
+                arr[int(i)] = 0
+
+    def lost_tiles(self, name: str, stage: str) -> np.ndarray:
+        """Tiles done for ``stage`` whose chunk of array ``name`` is gone from disk (deleted files).
+
+        Only stores whose every write leaves a chunk file can tell (see the module
+        docstring); for older stores this is always empty.
+        """
+        done = np.flatnonzero(self.done(stage))
+        if not self.meta.get(ALL_CHUNKS_KEY) or not len(done):
+            return np.zeros(0, np.int64)
+        if not self.has(name):
+            return done.astype(np.int64)
+        arr = self._g[name]
+        rest = (0,) * (arr.ndim - 1)
+        root = self.path / name
+        lost = [i for i in done if not (root / arr.metadata.encode_chunk_key((int(i), *rest))).is_file()]
+        return np.asarray(lost, np.int64)

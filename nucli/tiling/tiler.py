@@ -156,6 +156,11 @@ def run_tiling(
         if existing is not None:
             store = existing
             status = "resumed"
+            lost = store.lost_tiles("tiles", STAGE)
+            if len(lost):
+                log.warning("%s: %d finished tiles are missing from the store (deleted files); writing them again",
+                            out, len(lost))
+                store.unmark_done(STAGE, lost)
         else:
             _check_writable(out)
             fraction = None
@@ -369,7 +374,11 @@ def _undo(tmp: Path, created: Path | None) -> None:
 
 # ---------------------------------------------------------------------- tile loop
 def _write_one(slide, store: RunStore, i: int, x: int, y: int, ds: float, tile: int) -> int:
-    img = slide.read_scaled(x, y, tile, tile, ds)
+    try:
+        img = slide.read_scaled(x, y, tile, tile, ds)
+    except InputError as exc:  # a damaged part of the slide: stop, naming the tile; finished tiles are kept
+        row, col = (int(v) for v in store.indices()[i])
+        raise InputError(f"tile {i} (row {row}, col {col}, working px x={x} y={y}) cannot be read: {exc}") from None
     store.write("tiles", i, img)
     store.mark_done(STAGE, i)  # after the pixels: a "done" tile is always complete
     return i
