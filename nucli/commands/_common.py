@@ -40,7 +40,8 @@ def handle_errors(func: F) -> F:
     """Turn project errors into one-line messages and exit codes.
 
     ``NucliError`` -> its message and ``exit_code``; ``KeyboardInterrupt`` -> 130
-    with a note that the run can be resumed; an ``OSError`` (disk full, permission
+    with a note that the run can be resumed (the interrupt's own message, when a
+    command raises one with a better hint); an ``OSError`` (disk full, permission
     denied) -> exit 2 naming the file; anything else -> exit 3 with a hint to rerun
     with ``--debug`` for the traceback.
     """
@@ -56,13 +57,11 @@ def handle_errors(func: F) -> F:
                 raise
             stderr().print(f"[bold red]Error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if _debug_enabled():
                 raise
-            stderr().print(
-                "[yellow]Interrupted.[/] Finished work is saved; rerun the same command to resume.",
-                highlight=False, soft_wrap=True,
-            )
+            hint = " ".join(str(exc).split()) or "Finished work is saved; rerun the same command to resume."
+            stderr().print(f"[yellow]Interrupted.[/] {hint}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except OSError as exc:
             if _debug_enabled():

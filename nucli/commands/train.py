@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,12 +14,29 @@ from nucli.commands._options import JsonSummary, Method, Output, Overwrite, Quie
 from nucli.errors import InputError, OutputExistsError, UsageError
 
 
+def _resume_hint(func):
+    """Ctrl-C while training: say that the checkpoints are kept and ``--resume`` continues from them."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            if kwargs.get("method") == "synth":  # writes pairs, keeps no checkpoints
+                raise
+            raise KeyboardInterrupt("Checkpoints are saved; rerun the same command with --resume to continue "
+                                    "from the last one.") from None
+
+    return wrapper
+
+
 class Preset(str, Enum):
     cpu = "cpu"
     paper = "paper"
 
 
 @handle_errors
+@_resume_hint
 def run(
     output: Output,
     data: Annotated[Optional[Path], typer.Option("--data", help="Training data: DIR/images/*.png + DIR/labels/*.tif.")] = None,

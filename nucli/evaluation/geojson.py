@@ -25,6 +25,11 @@ from nucli.errors import InputError
 Ring = np.ndarray  # (K, 2) float x, y
 PolygonRings = list[Ring]  # exterior first, then holes
 
+MAX_COORD = float(2**31)
+"""Coordinates beyond ± this (px) are refused: no slide is that large."""
+MAX_RASTER_PIXELS = 2**30
+"""Largest grid rasterised from GeoJSON alone (4 GiB of int32 labels)."""
+
 
 def load_features(path: Path) -> list[list[PolygonRings]]:
     """Parse a GeoJSON file into one list of polygons per feature (validated)."""
@@ -41,6 +46,8 @@ def load_features(path: Path) -> list[list[PolygonRings]]:
         raise InputError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except (UnicodeDecodeError, EOFError):
         raise InputError(f"{path}: not a UTF-8 text file; expected GeoJSON") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be GeoJSON") from None
     except OSError as exc:
         if isinstance(exc, (FileNotFoundError, PermissionError)):
             raise
@@ -102,19 +109,26 @@ def _polygons(geom: dict, path: Path | str, i: int) -> list[PolygonRings]:
                 raise InputError(f"{path}: feature {i}: a ring needs at least 3 [x, y] positions")
             if not np.isfinite(arr[:, :2]).all():
                 raise InputError(f"{path}: feature {i}: ring coordinates must be finite numbers")
+            if np.abs(arr[:, :2]).max() > MAX_COORD:
+                raise InputError(f"{path}: feature {i}: coordinates beyond ±{MAX_COORD:.0f} px (no slide is that "
+                                 "large)")
             rings.append(arr[:, :2])
         result.append(rings)
     return result
 
 
-def bounds_shape(features: list[list[PolygonRings]]) -> tuple[int, int]:
-    """Smallest (rows, cols) grid holding every outline."""
+def bounds_shape(features: list[list[PolygonRings]], path: Path | str = "GeoJSON") -> tuple[int, int]:
+    """Smallest (rows, cols) grid holding every outline (at most :data:`MAX_RASTER_PIXELS`)."""
     xmax = ymax = 0.0
     for polys in features:
         for rings in polys:
             xmax = max(xmax, float(rings[0][:, 0].max()))
             ymax = max(ymax, float(rings[0][:, 1].max()))
-    return int(math.ceil(ymax)), int(math.ceil(xmax))
+    rows, cols = int(math.ceil(ymax)), int(math.ceil(xmax))
+    if rows * cols > MAX_RASTER_PIXELS:
+        raise InputError(f"{path}: outlines reach x={xmax:.0f}, y={ymax:.0f}; a {cols} x {rows} px grid is too "
+                         "large to rasterise for scoring (give the ground truth as a label image, or crop)")
+    return rows, cols
 
 
 def rasterize(features: list[list[PolygonRings]], shape: tuple[int, int]) -> np.ndarray:

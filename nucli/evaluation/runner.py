@@ -142,10 +142,13 @@ def read_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray]:
     elif isinstance(pred, LabelImage) and pred.downsample == 1.0:
         true = gj.rasterize(gt, pred.labels.shape)
     else:
-        shape = gj.bounds_shape(gt)
+        shape = gj.bounds_shape(gt, gt_path)
         if isinstance(pred, list):
-            other = gj.bounds_shape(pred)
+            other = gj.bounds_shape(pred, pred_path)
             shape = (max(shape[0], other[0]), max(shape[1], other[1]))
+            if shape[0] * shape[1] > gj.MAX_RASTER_PIXELS:
+                raise InputError(f"{pred_path} and {gt_path} together span {shape[1]} x {shape[0]} px, too large "
+                                 "to rasterise for scoring (give the ground truth as a label image, or crop)")
         true = gj.rasterize(gt, shape)
     if isinstance(pred, LabelImage):
         labels = to_grid(pred, true.shape, pred_path, gt_path)

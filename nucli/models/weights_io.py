@@ -74,8 +74,11 @@ def load_weights(path: Path, method: str) -> tuple[dict[str, Any], dict[str, Any
         raise WeightsError(f"{path} holds weights for method '{found}', not '{method}'; pass --method {found}")
     try:
         config = json.loads(meta.get("nucli.config", "{}"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise WeightsError(f"{path}: the config stored in the weights file is not valid JSON") from None
+    if not isinstance(config, dict) or not isinstance(config.get("params", {}), (dict, type(None))):
+        raise WeightsError(f"{path}: the config stored in the weights file is not a JSON object with a 'params' "
+                           "object; the file is damaged")
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception:

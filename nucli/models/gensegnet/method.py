@@ -116,8 +116,9 @@ def networks_from_params(params: dict[str, Any]):
     try:
         gen = PassThrough() if params.get("generator") is None else Generator(**params["generator"])
         unet = UNet(tuple(params["unet"]["widths"]))
-    except (KeyError, TypeError) as exc:
-        raise WeightsError(f"gensegnet config lacks a valid network description ({exc})") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # torch refuses impossible sizes with these
+        why = " ".join(str(exc).split())[:200]
+        raise WeightsError(f"gensegnet config lacks a valid network description ({why})") from None
     return gen, unet
 
 
