@@ -354,3 +354,19 @@ def test_objects_wider_than_the_overlap_are_dropped_not_cut():
     kept = maps_to_labels(maps, {"min_area": 1}, max_diameter=64)
     assert kept.max() == 1 and kept[50, 50] == 1 and not kept[150, 100]
     assert maps_to_labels(maps, {"min_area": 1}).max() == 2  # no cap: both
+
+
+def test_flip_tta_makes_the_maps_flip_equivariant():
+    import torch
+
+    from nucli.models.harunet import predict_maps
+
+    torch.manual_seed(0)
+    net = build_network("cpu").eval()
+    img = np.random.default_rng(0).random((1, 64, 96)).astype(np.float32)
+    flipped = np.ascontiguousarray(img[:, :, ::-1])
+    plain, plain_f = predict_maps(net, img), predict_maps(net, flipped)
+    assert not np.allclose(plain_f, plain[..., ::-1], atol=1e-4)  # the network alone is not
+    tta, tta_f = predict_maps(net, img, tta=True), predict_maps(net, flipped, tta=True)
+    assert np.allclose(tta_f, tta[..., ::-1], atol=1e-5)
+    assert tta.shape == plain.shape and 0 <= tta.min() and tta.max() <= 1

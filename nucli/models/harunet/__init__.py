@@ -32,6 +32,8 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "min_seed_area": 4,
     "min_area": 10,
     "contour_thickness": 1,  # training target: dilation radius of the inner boundary
+    "tta": False,  # average the maps over the 4 flips of each tile (4x network time)
+    "bf16": "auto",  # bfloat16 autocast on CPUs with native support (see gensegnet.method.use_bf16)
 }
 
 DEFAULT_CONFIG = MethodConfig(
@@ -67,15 +69,31 @@ def preprocess(tiles: np.ndarray) -> np.ndarray:
     return normalize_batch(tiles)
 
 
-def predict_maps(net: Any, images: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """Run ``net`` (eval mode) on (B, H, W) normalised images -> (B, 2, H, W) probabilities."""
+def predict_maps(net: Any, images: np.ndarray, device: str = "cpu", tta: bool = False,
+                 bf16: bool = False) -> np.ndarray:
+    """Run ``net`` (eval mode) on (B, H, W) normalised images -> (B, 2, H, W) probabilities.
+
+    ``tta``: the mean of the probabilities over the identity, horizontal, vertical and
+    double flip of each image (flip, predict, flip back), i.e. 4 network passes.
+    ``bf16``: bfloat16 autocast (CPU). On CPU the input is channels-last, which oneDNN
+    convolutions run about 1.7x faster (exact: same float32 results).
+    """
     import torch
 
     padded, (h, w) = pad_to_stride(np.asarray(images, np.float32))
     x = torch.from_numpy(np.ascontiguousarray(padded[:, None])).to(device)
-    with torch.inference_mode():
-        fused, _ = net(x)
-        prob = torch.sigmoid(fused[..., :h, :w])
+    if x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    flips = ((), (-1,), (-2,), (-2, -1)) if tta else ((),)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(bf16)):
+        prob = None
+        for dims in flips:
+            xi = torch.flip(x, dims) if dims else x
+            fused, _ = net(xi)
+            p = torch.sigmoid(fused.float())
+            p = torch.flip(p, dims) if dims else p
+            prob = p if prob is None else prob + p
+        prob = (prob / len(flips))[..., :h, :w]
     return prob.float().cpu().numpy()
 
 
@@ -103,13 +121,21 @@ class HARUNetMethod(Method):
     """Runs the network on a batch of tiles; post-processes maps into instances."""
 
     def __init__(self, config: MethodConfig, net: Any, device: str = "cpu"):
+        from nucli.models.gensegnet.method import use_bf16
+
         super().__init__(config)
         self.net = net
         self.device = device
+        self.bf16 = use_bf16(config.params.get("bf16", False), device)
+        if str(device) == "cpu":
+            import torch
+
+            self.net.to(memory_format=torch.channels_last)
 
     def predict_maps(self, images: np.ndarray) -> np.ndarray:
         """(B, H, W) normalised float images -> (B, 2, H, W) float32 probabilities [mask, contour]."""
-        return predict_maps(self.net, images, self.device)
+        return predict_maps(self.net, images, self.device, tta=bool(self.config.params.get("tta", False)),
+                            bf16=self.bf16)
 
     def infer(self, tiles: np.ndarray) -> np.ndarray:
         tiles = np.asarray(tiles)
