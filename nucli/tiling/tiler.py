@@ -395,21 +395,29 @@ def _write_tiles(slide, store: RunStore, todo: list[int], ds: float, tile: int, 
                 advance()
             return
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="nucli-tile") as pool:
+            def submit(i: int) -> Future:
+                f = pool.submit(_write_one, slide, store, i, int(origins[i, 0]), int(origins[i, 1]), ds, tile)
+                f.tile = i  # type: ignore[attr-defined]
+                return f
+
             pending: set[Future] = set()
             it = iter(todo)
             try:
                 for i in _chain_limit(it, n_workers * 2):
-                    pending.add(pool.submit(_write_one, slide, store, i, int(origins[i, 0]),
-                                            int(origins[i, 1]), ds, tile))
+                    pending.add(submit(i))
                 while pending:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    failed = [f for f in finished if f.exception() is not None]
+                    if failed:  # a damaged slide can fail the reads after a bad one too: report the first
+                        wait(pending)
+                        failed += [f for f in pending if f.exception() is not None]
+                        pending = set()
+                        raise min(failed, key=lambda f: f.tile).exception()
                     for f in finished:
-                        f.result()
                         advance()
                         nxt = next(it, None)
                         if nxt is not None:
-                            pending.add(pool.submit(_write_one, slide, store, nxt, int(origins[nxt, 0]),
-                                                    int(origins[nxt, 1]), ds, tile))
+                            pending.add(submit(nxt))
             except BaseException:
                 for f in pending:
                     f.cancel()
