@@ -142,6 +142,8 @@ def rasterize(features: list[list[PolygonRings]], shape: tuple[int, int]) -> np.
     dtype = np.int32 if len(features) < 2**31 - 1 else np.int64
     labels = np.zeros((h, w), dtype=dtype)
     for k, polys in enumerate(features, start=1):
+        if not polys:  # an empty MultiPolygon: an object without pixels
+            continue
         ext = np.concatenate([rings[0] for rings in polys])
         c0 = max(int(math.floor(ext[:, 0].min())) - 1, 0)
         r0 = max(int(math.floor(ext[:, 1].min())) - 1, 0)

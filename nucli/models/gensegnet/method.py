@@ -116,7 +116,7 @@ def networks_from_params(params: dict[str, Any]):
     try:
         gen = PassThrough() if params.get("generator") is None else Generator(**params["generator"])
         unet = UNet(tuple(params["unet"]["widths"]))
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # torch refuses impossible sizes with these
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # torch: impossible sizes
         why = " ".join(str(exc).split())[:200]
         raise WeightsError(f"gensegnet config lacks a valid network description ({why})") from None
     return gen, unet
