@@ -52,6 +52,7 @@ from nucli.slide_backends import (
     _ImageBackend,
     _needs_conversion,
     _OpenSlideBackend,
+    _QuietTifffile,
     _short,
     _sniff,
     _TiffSlideBackend,
@@ -397,18 +398,8 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
         if problem is not None:
             raise InputError(f"{path} is a damaged or truncated TIFF/slide file ({problem})")
     convert = kind == "tiff" and _needs_conversion(path)
-
-    if not convert:
-        backend = _try_openslide(path, why)
-    if backend is None and kind == "tiff" and not convert:
-        backend = _try(lambda: _TiffSlideBackend(path), "tiffslide", why)
-    if backend is None and kind is not None:
-        try:
-            backend = _ImageBackend(path, kind)
-        except InputError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            why.append(f"image: {_short(exc)}")
+    with _QuietTifffile():  # tifffile's warnings about a damaged file would add lines to nucli's one-line error
+        backend = _open_backend(path, kind, convert, why)
     if backend is None:
         if kind is None and not why:
             raise InputError(
@@ -434,6 +425,23 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
         log.info("%s: using --mpp %.4g instead of %.4g from the metadata", path, mpp, backend.mpp)
     log.debug("opened %r", slide)
     return slide
+
+
+def _open_backend(path: Path, kind: str | None, convert: bool, why: list[str]) -> _Backend | None:
+    """The first backend that opens ``path`` (reasons of the others appended to ``why``), or None."""
+    backend = None
+    if not convert:
+        backend = _try_openslide(path, why)
+    if backend is None and kind == "tiff" and not convert:
+        backend = _try(lambda: _TiffSlideBackend(path), "tiffslide", why)
+    if backend is None and kind is not None:
+        try:
+            backend = _ImageBackend(path, kind)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            why.append(f"image: {_short(exc)}")
+    return backend
 
 
 def _try(factory: Callable[[], _Backend], name: str, why: list[str]) -> _Backend | None:

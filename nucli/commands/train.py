@@ -89,7 +89,10 @@ def run(
     if overwrite and not resume and output.exists():
         for f in output.glob("*.ckpt.safetensors"):
             f.unlink()
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create -o {output}: {exc.strerror or exc}") from None
     if name in ("spatialprior", "synth") or synth is not None:
         _spatialprior_or_synth(name, data, output, images, prior_masks, scale, steps, synth, count, weights,
                                preset.value, resume, threads, seed, overwrite, quiet, json_summary)

@@ -205,6 +205,8 @@ def write_text_atomic(text: str, path: Path) -> None:
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
+    if path.parent and not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: {path.parent} is a file, not a folder")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:

@@ -9,6 +9,8 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
+from nucli.errors import InputError
+
 
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -22,9 +24,12 @@ class AtomicFile:
 
     def __init__(self, path: Path, *, binary: bool = False, gz: bool = False, newline: str | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = _temp_name(self.path)
-        self._raw: IO[Any] = open(self.tmp, "xb")  # normal permissions (umask), unlike mkstemp
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._raw: IO[Any] = open(self.tmp, "xb")  # normal permissions (umask), unlike mkstemp
+        except OSError as exc:
+            raise InputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self._gz: gzip.GzipFile | None = None
         stream: IO[Any] = self._raw
         if gz:
