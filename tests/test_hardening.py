@@ -689,3 +689,23 @@ def test_same_input_gives_byte_identical_geojson_with_the_same_ids(segmented, he
     r = invoke("segment", other, "-o", tmp_path / "other.geojson", *SEG)
     assert r.exit_code == 0, r.output
     assert not set(ids) & {f["id"] for f in json.loads((tmp_path / "other.geojson").read_text())["features"]}
+
+
+# ====================================================================== the table itself
+def test_every_row_of_the_reliability_table_names_existing_tests_and_the_readme_counts_them():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "reliability.md").read_text(encoding="utf-8")
+    rows = [line for line in doc.splitlines() if line.startswith("| ") and not line.startswith("| ---")
+            and not line.split("|")[1].strip() in ("Bad input", "Fault", "Reader")]
+    for row in rows:
+        refs = re.findall(r"`(test_\w+\.py)::(\w+)(?:\[([^\]]+)\])?`", row)
+        assert refs, row
+        for file, name, param in refs:
+            text = (root / "tests" / file).read_text(encoding="utf-8")
+            assert f"def {name}(" in text and (not param or param in text), (file, name, param)
+    assert f"**{len(rows)} bad inputs and faults** are tried" in doc
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    assert f"{len(rows)} bad inputs and faults are tried" in section and "docs/reliability.md" in section
