@@ -593,7 +593,7 @@ def test_sigint_during_evaluate_then_rerun(tmp_path):
     out = tmp_path / "report.json"
     rc, err = interrupt_after(nucli_slowed(("nucli.evaluation.runner", "-", "score_image", 0.3), "evaluate", pred, gt,
                                            "-o", out, "--quiet"), 2)
-    assert rc == 130 and "Interrupted" in err
+    assert rc == 130 and "Interrupted. No report was written; rerun the same command" in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert invoke("evaluate", pred, gt, "-o", out, "--quiet").exit_code == 0
     assert json.loads(out.read_text()) == json.loads(ref.read_text())

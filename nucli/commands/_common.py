@@ -83,6 +83,22 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def interrupt_hint(hint: str) -> Callable[[F], F]:
+    """Decorator (under :func:`handle_errors`): Ctrl-C prints ``hint`` instead of the note about resuming."""
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(*args, **kwargs)
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(hint) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from nucli.commands._common import handle_errors, stderr, stdout
+from nucli.commands._common import handle_errors, interrupt_hint, stderr, stdout
 from nucli.commands._options import JsonSummary, Method, Overwrite, Quiet, Weights
 from nucli.errors import OutputExistsError, UsageError
 
@@ -26,6 +26,7 @@ GtArg = Annotated[
 
 
 @handle_errors
+@interrupt_hint("No report was written; rerun the same command to score again.")
 def run(
     pred: PredArg = None,
     gt: GtArg = None,
