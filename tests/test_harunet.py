@@ -370,3 +370,14 @@ def test_flip_tta_makes_the_maps_flip_equivariant():
     tta, tta_f = predict_maps(net, img, tta=True), predict_maps(net, flipped, tta=True)
     assert np.allclose(tta_f, tta[..., ::-1], atol=1e-5)
     assert tta.shape == plain.shape and 0 <= tta.min() and tta.max() <= 1
+
+
+@pytest.mark.parametrize("params", [{"preset": "huge"}, {"in_channels": "x"}, {"in_channels": 0}])
+def test_a_weights_config_with_a_bad_preset_or_channels_is_a_weights_error(tmp_path, params):
+    from nucli.models.registry import build_method
+    from nucli.models.weights_io import save_weights
+
+    bad = tmp_path / "bad.safetensors"
+    save_weights(bad, build_network("cpu").state_dict(), NAME, {"name": NAME, "params": {"preset": "cpu", **params}})
+    with pytest.raises(WeightsError, match="not a usable harunet weights file"):
+        build_method(NAME, weights=bad)

@@ -163,7 +163,12 @@ def load_network(path: Path, params: dict[str, Any] | None = None) -> tuple[Any,
 
     tensors, stored = load_weights(Path(path), NAME)
     p = {**DEFAULT_PARAMS, **(params or {}), **(stored.get("params") or {})}
-    net = build_network(str(p["preset"]), int(p["in_channels"]))
+    preset, channels = p.get("preset"), p.get("in_channels")
+    if preset not in PRESET_NAMES or not isinstance(channels, int) or isinstance(channels, bool) \
+            or not 1 <= channels <= 4:
+        raise WeightsError(f"{path}: not a usable {NAME} weights file (preset {preset!r}, in_channels "
+                           f"{channels!r}; expected a preset of {', '.join(PRESET_NAMES)} and 1-4 channels)")
+    net = build_network(str(preset), int(channels))
     load_into(net, tensors, path, NAME)
     net.eval()
     return net, stored
