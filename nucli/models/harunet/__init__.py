@@ -197,6 +197,7 @@ register(
         config=DEFAULT_CONFIG,
         builder=_builder,
         weights_file="harunet_cpu.safetensors",
+        weights_sha256="a2ca161209e0816431987c9f2195b13f174bdcc0bfee682c9258f0dc6ecb3585",
         needs_weights=True,
     )
 )
