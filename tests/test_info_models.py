@@ -300,18 +300,67 @@ def test_processing_error_exits_3(tmp_path):
     assert not (tmp_path / "o.geojson").exists()
 
 
+COMMANDS = ("tile", "enhance", "segment", "stitch", "evaluate", "train", "info", "models", "demo")
+
+
+def _help(cmd: str) -> str:
+    res = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    return res.stdout
+
+
+def _example_lines(text: str) -> list[str]:
+    """The command lines of the help's Examples section (up to the argument/option panels)."""
+    section = text.partition("Examples:")[2].partition("\u256d")[0]
+    return [line.strip() for line in section.splitlines() if line.strip().startswith("nucli ")]
+
+
 def test_every_command_documents_an_example_and_shared_option_names():
-    """info, models and demo show examples in --help; shared options keep one spelling."""
-    for cmd in ("info", "models", "demo"):
-        res = runner.invoke(app, [cmd, "--help"])
-        assert res.exit_code == 0
-        assert "Examples" in res.stdout and f"nucli {cmd}" in res.stdout
+    """Every command shows examples in --help; shared options keep one spelling."""
+    for cmd in COMMANDS:
+        text = _help(cmd)
+        assert "Examples" in text and f"nucli {cmd}" in text, cmd
+    shared = ("--overwrite", "--json", "--quiet")
     for cmd, opts in {"info": ("--method", "--weights", "--mpp", "--tile-size", "--overlap", "--json", "--quiet"),
-                      "demo": ("--output", "--method", "--weights", "--overwrite", "--json", "--quiet"),
-                      "models": ("--json", "--quiet")}.items():
-        text = runner.invoke(app, [cmd, "--help"]).stdout
+                      "demo": ("--output", "--method", "--weights", *shared),
+                      "models": ("--json", "--quiet"),
+                      "tile": ("--output", "--method", "--mpp", "--mpp-target", "--tile-size", "--overlap", *shared),
+                      "segment": ("--output", "--method", "--weights", "--mpp", "--mpp-target", "--tile-size",
+                                  "--overlap", "--format", "--overlay", *shared),
+                      "stitch": ("--output", "--format", "--overlay", *shared),
+                      "enhance": ("--output", "--weights", *shared),
+                      "evaluate": ("--output", "--method", "--weights", *shared),
+                      "train": ("--output", "--method", *shared)}.items():
+        text = _help(cmd)
         for o in opts:
             assert o in text, (cmd, o)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help_examples_use_only_options_the_command_accepts(cmd):
+    """Each example line in --help runs this command and names only options it declares."""
+    import re
+
+    from typer.main import get_command
+
+    command = get_command(app).commands[cmd]
+    declared = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+    text = _help(cmd)
+    options_panel = text[text.index("Options"):]
+    examples = _example_lines(text)
+    assert len(examples) >= 2, (cmd, examples)
+    # every example in the docstring is shown whole, on one line, at 80 columns
+    documented = _example_lines(command.help or "")
+    assert documented == examples, (cmd, documented, examples)
+    for line in examples:
+        words = line.split()
+        assert words[:2] == ["nucli", cmd], line
+        long_opts = [w.split("=", 1)[0] for w in words if w.startswith("--")]
+        short_opts = [w for w in words if re.fullmatch(r"-[A-Za-z]", w)]
+        for o in long_opts:
+            assert re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", options_panel), (cmd, line, o)
+        for o in long_opts + short_opts:
+            assert o in declared, (cmd, line, o)
 
 
 def test_segment_array_matches_the_cli(tmp_path, plain_png):

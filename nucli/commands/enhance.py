@@ -30,6 +30,17 @@ def run(
     For a run store the enhanced tiles are stored in the store itself (resumable), and
     `nucli segment` then runs only the U-Net and watershed on them. For an image, -o names
     the output PNG (default: <image>_enhanced.png beside it).
+
+    Examples:
+
+      Enhance every tile of a run store made by nucli tile:
+      nucli enhance slide.zarr
+
+      The same, and also save the enhanced tiles as PNGs:
+      nucli enhance slide.zarr --png enhanced/
+
+      Enhance one image into a PNG:
+      nucli enhance image.png -o image_enhanced.png
     """
     from nucli.models.registry import build_method
     from nucli.pipeline import is_run_store

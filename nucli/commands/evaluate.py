@@ -69,6 +69,20 @@ def run(
     Either [bold]nucli evaluate PRED GT[/] (files or folders) or
     [bold]nucli evaluate --dataset DIR --method NAME[/]. The aggregate is shown as the mean over
     images (as in published tables) and pooled over all nuclei. [bold]-o[/] writes the full report as JSON.
+
+    Examples:
+
+      A folder of predictions against ground truth, matched by file name:
+      nucli evaluate preds/ dsb2018/test/labels/ --per-image
+
+      The same, saving the full report and the per-image metrics:
+      nucli evaluate preds/ gts/ -o scores.json --csv scores.csv
+
+      Run HARU-Net over a data set (images/ + labels/) and score it:
+      nucli evaluate --dataset dsb2018/test --method harunet
+
+      A quick check on the first 10 images:
+      nucli evaluate --dataset dsb2018/test --method watershed --limit 10
     """
     from nucli.evaluation import evaluate_dataset, evaluate_paths
     from nucli.evaluation.labels_io import write_text_atomic

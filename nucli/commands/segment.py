@@ -58,6 +58,20 @@ def run(
     A rerun continues where an interrupted run stopped (finished tiles are kept in the run store).
     --workers/--scheduler/--cluster spread the tiles over Dask workers; --shard i/n on a run store
     segments every n-th tile only (for HPC job arrays; run `nucli stitch` once all shards are done).
+
+    Examples:
+
+      The default method (gensegnet); GeoJSON to open in QuPath:
+      nucli segment slide.svs -o slide.geojson
+
+      Also a measurements table (slide.csv) and an outline overlay:
+      nucli segment slide.svs -o slide.geojson --format csv --overlay slide.png
+
+      HARU-Net, spread over 2 local Dask worker processes:
+      nucli segment slide.svs -o slide.geojson --method harunet --workers 2
+
+      Job 0 of a 4-job HPC array on a store made by nucli tile:
+      nucli segment slide.zarr --shard 0/4
     """
     from nucli.commands._common import print_summary
     from nucli.parallel import make_runner

@@ -31,7 +31,21 @@ def run(
     quiet: opt.Quiet = False,
     json_summary: opt.JsonSummary = False,
 ) -> None:
-    """Merge per-tile nuclei into global nuclei (each exactly once) and write the exports."""
+    """Merge per-tile nuclei into global nuclei (each exactly once) and write the exports.
+
+    STORE holds the per-tile labels written by `nucli segment` (one run, or every --shard job). The -o suffix picks the format (.geojson, .geojson.gz, .csv, .parquet, .zarr for a label image); --format adds more files beside it.
+
+    Examples:
+
+      Once every shard of a run store is segmented, write GeoJSON:
+      nucli stitch slide.zarr -o slide.geojson
+
+      GeoJSON plus a measurements table (slide.csv):
+      nucli stitch slide.zarr -o slide.geojson --format csv
+
+      Only the table, and an outline overlay:
+      nucli stitch slide.zarr -o slide.csv --overlay slide.png
+    """
     from nucli.commands._common import print_summary
     from nucli.export import check_outputs, resolve_outputs
     from nucli.pipeline import stitch_to_outputs

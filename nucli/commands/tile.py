@@ -13,7 +13,7 @@ from nucli.commands._options import (JsonSummary, Method, Mpp, MppTarget, Output
 
 TileSizeOpt = Annotated[
     Optional[int],
-    typer.Option("--tile-size", min=16, help="Tile edge in working pixels (default: the method's, 512)."),
+    typer.Option("--tile-size", min=16, help="Tile edge in working pixels (default: the method's)."),
 ]
 
 
@@ -33,7 +33,24 @@ def run(
     json_summary: JsonSummary = False,
 ) -> None:
     """Cut SLIDE into overlapping tiles at the working pixel size, keeping only tiles that touch
-    tissue, into the run store RUN.zarr. Rerun the same command to resume an interrupted run."""
+    tissue, into the run store RUN.zarr. Rerun the same command to resume an interrupted run.
+
+    Pixel size, tile size and overlap default to the method's (see `nucli models`); `nucli info SLIDE` shows beforehand how many tiles a run would make. Segment the store with `nucli segment RUN.zarr -o OUT.geojson`.
+
+    Examples:
+
+      Tile for the default method (gensegnet):
+      nucli tile slide.svs -o slide.zarr
+
+      Tile for HARU-Net, to segment the store with --method harunet:
+      nucli tile slide.svs -o slide.zarr --method harunet
+
+      An image without pixel-size metadata, scanned at 0.25 µm/px:
+      nucli tile scan.tif -o scan.zarr --mpp 0.25
+
+      Larger tiles; the overlap must exceed the largest nucleus:
+      nucli tile slide.svs -o slide.zarr --tile-size 1024 --overlap 160
+    """
     from nucli.tiling.tiler import run_tiling
 
     report = run_tiling(

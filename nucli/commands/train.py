@@ -67,7 +67,24 @@ def run(
     quiet: Quiet = False,
     json_summary: JsonSummary = False,
 ) -> None:
-    """Train a method (both GeNSeg-Net stages) with checkpoints, loss logs and val-based selection."""
+    """Train a method (both GeNSeg-Net stages) with checkpoints, loss logs and val-based selection.
+
+    --data and --val hold images/*.png and labels/*.tif; -o names the output folder for the checkpoints, loss logs and weights. mcf learns from a few template nuclei instead of labels (--templates, or --from-labels for experiments), so its --data needs only images/.
+
+    Examples:
+
+      GeNSeg-Net (the default), selected on a validation set:
+      nucli train --data train/ --val val/ -o runs/gensegnet
+
+      HARU-Net on the same data:
+      nucli train --method harunet --data train/ --val val/ -o runs/harunet
+
+      MCF from a folder of nucleus crops:
+      nucli train --method mcf --data train/ --templates crops/ -o runs/mcf
+
+      Continue an interrupted run from its last checkpoint:
+      nucli train --data train/ --val val/ -o runs/gensegnet --resume
+    """
     name = method or "gensegnet"
     if name == "spatialprior":
         if images is None or prior_masks is None:
