@@ -261,3 +261,27 @@ def test_segment_store_uses_the_stored_enhancement(tmp_path):
         expected = segment_from_store(store, method, [i], tuple(tile_extents(store)[i]))[0].labels
         w, h = tile_extents(store)[i]
         assert np.array_equal(store.read("labels", i)[:h, :w] > 0, expected[:h, :w] > 0)
+
+
+def test_h_maxima_by_region_equals_skimage_inside_the_regions():
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    from nucli.models.gensegnet.postprocess import h_maxima_by_region
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:160, :160]
+    for _ in range(25):
+        img = np.zeros((160, 160), bool)
+        for _ in range(int(rng.integers(1, 40))):
+            r, c = rng.integers(0, 160, 2)
+            a, b = rng.uniform(1, 14, 2)
+            img |= ((yy - r) / a) ** 2 + ((xx - c) / b) ** 2 <= 1
+        depth = ndi.gaussian_filter(ndi.distance_transform_edt(img), float(rng.choice([0.5, 1.0, 2.0])))
+        h = float(rng.choice([0.5, 1.0, 3.0]))
+        inside = depth > 0
+        assert np.array_equal((h_maxima(depth, h) > 0) & inside, h_maxima_by_region(depth, h) > 0)
+    # a lone region too shallow for h: no maximum, as with the whole image... unless it is the only one
+    lone = np.zeros((20, 20))
+    lone[5:8, 5:8] = 0.4
+    assert np.array_equal(h_maxima_by_region(lone, 1.0) > 0, (h_maxima(lone, 1.0) > 0) & (lone > 0))
