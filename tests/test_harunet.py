@@ -334,7 +334,7 @@ def test_train_command_writes_loadable_weights(tmp_path):
     weights = out / "harunet_cpu.safetensors"
     assert weights.exists() and (out / "harunet_cpu.json").exists()
     summary = json.loads((out / "harunet_cpu.json").read_text())
-    assert summary["steps"] == 2 and set(summary["postprocess"]) == {"mask_threshold", "contour_threshold", "min_area"}
+    assert summary["steps"] == 2 and set(summary["postprocess"]) == {"mask_threshold", "contour_threshold", "min_area", "min_seed_area"}
     method = build_method(NAME, weights=weights)
     assert method.config.params["min_area"] == summary["postprocess"]["min_area"]
     # a second run into the same folder needs --resume (or --overwrite)

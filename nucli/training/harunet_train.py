@@ -66,8 +66,9 @@ def validation_fn(val_samples: list[Any], params: dict[str, Any]) -> Callable[[A
 
 TUNE_GRID: dict[str, tuple[float, ...]] = {
     "mask_threshold": (0.4, 0.5, 0.6),
-    "contour_threshold": (0.3, 0.4, 0.5, 0.6),
-    "min_area": (5, 10, 20),
+    "contour_threshold": (0.2, 0.3, 0.4, 0.5),
+    "min_area": (10, 20, 30),
+    "min_seed_area": (2, 4, 8),
 }
 
 
@@ -80,16 +81,17 @@ def tune_postprocess(model: Any, val_samples: list[Any], grid: dict[str, tuple[f
     import itertools
 
     from nucli.metrics import mean_metrics, score_image
-    from nucli.models.harunet import DEFAULT_PARAMS, maps_to_labels, predict_maps
+    from nucli.models.harunet import DEFAULT_CONFIG, DEFAULT_PARAMS, maps_to_labels, predict_maps
 
     grid = grid or TUNE_GRID
+    cap = float(DEFAULT_CONFIG.max_nucleus_diameter_px)
     model.eval()
     maps = [predict_maps(model, s.x.astype(np.float32)[None])[0] for s in val_samples]
     best: tuple[float, dict[str, Any], dict[str, float]] | None = None
     keys = sorted(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         params = {**DEFAULT_PARAMS, **dict(zip(keys, values))}
-        m = mean_metrics([score_image(s.labels, maps_to_labels(mp, params)) for s, mp in zip(val_samples, maps)])
+        m = mean_metrics([score_image(s.labels, maps_to_labels(mp, params, cap)) for s, mp in zip(val_samples, maps)])
         score = (m["aji"] + m["pq"]) / 2.0
         if best is None or score > best[0]:
             best = (score, params, m)
@@ -177,7 +179,9 @@ def train_harunet(
                                sampler=sampler, progress=progress)
     params = None
     if tune and val:
-        params, metrics = tune_postprocess(net, val)
+        # thresholds on the full val images: centre crops cut nuclei at their borders
+        full_val = load_dataset(val_dir, cache_dir=cache, limit=val_limit)
+        params, metrics = tune_postprocess(net, full_val)
         summary["postprocess"] = {k: params[k] for k in TUNE_GRID}
         summary["val_tuned"] = {k: round(metrics[k], 4) for k in ("aji", "pq", "dice")}
         log.info("post-processing tuned on val: %s -> %s", summary["postprocess"], summary["val_tuned"])

@@ -197,7 +197,7 @@ register(
         config=DEFAULT_CONFIG,
         builder=_builder,
         weights_file="harunet_cpu.safetensors",
-        weights_sha256="a2ca161209e0816431987c9f2195b13f174bdcc0bfee682c9258f0dc6ecb3585",
+        weights_sha256="99d8111c2ad3a7c49604420b3fa36c55518e1a41290611bcc437c9e46294dd5d",
         needs_weights=True,
     )
 )
