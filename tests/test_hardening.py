@@ -514,11 +514,18 @@ app(prog_name="nucli")
 """
 
 
+def _sigint_default() -> None:
+    """Children get Ctrl-C's default action even when this run was started with SIGINT ignored
+    (a background job of a non-interactive shell, e.g. CI): Python then raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def nucli_slowed(slow: tuple[str, str, str, float], *args) -> subprocess.Popen:
     """``nucli ARGS`` in a subprocess, with ``slow`` (module, class or '-', function, seconds) delayed per call
     and announced on stderr with a '@progress' line."""
     cmd = [sys.executable, "-c", SLOW_RUN, *map(str, slow), *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_default)
 
 
 def interrupt_after(proc: subprocess.Popen, marks: int) -> tuple[int, str]:
@@ -641,7 +648,8 @@ def test_train_sigint_and_sigkill_then_resume_from_the_last_checkpoint(tmp_path)
     ckpt = out / "gan.ckpt.json"
     logged = lambda: [r["step"] for r in map(json.loads, (out / "gan.log.jsonl").read_text().splitlines())  # noqa: E731
                       if "l1" in r]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_default)
     _wait_for_checkpoint(proc, ckpt, 50)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

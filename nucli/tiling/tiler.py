@@ -408,11 +408,18 @@ def _write_tiles(slide, store: RunStore, todo: list[int], ds: float, tile: int, 
                 while pending:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                     failed = [f for f in finished if f.exception() is not None]
-                    if failed:  # a damaged slide can fail the reads after a bad one too: report the first
+                    if failed:
                         wait(pending)
                         failed += [f for f in pending if f.exception() is not None]
+                        finished = finished | pending
                         pending = set()
-                        raise min(failed, key=lambda f: f.tile).exception()
+                        other = [f for f in failed if not isinstance(f.exception(), InputError)]
+                        if other:  # an interrupt or a bug: not a damaged slide
+                            raise min(other, key=lambda f: f.tile).exception()
+                        # a failed read can leave the slide's handle unusable (OpenSlide), so reads running
+                        # beside it fail too: retry the failed tiles in order, each on a fresh handle, and
+                        # stop at the first that fails on its own (the damaged one)
+                        _retry_in_order(slide, store, sorted(f.tile for f in failed), origins, ds, tile)
                     for f in finished:
                         advance()
                         nxt = next(it, None)
@@ -422,6 +429,19 @@ def _write_tiles(slide, store: RunStore, todo: list[int], ds: float, tile: int, 
                 for f in pending:
                     f.cancel()
                 raise
+
+
+def _retry_in_order(slide, store: RunStore, tiles: list[int], origins: np.ndarray, ds: float, tile: int) -> None:
+    """Read ``tiles`` again in index order, each with a freshly opened slide; raise at the first failure."""
+    from nucli.slide import open_slide
+
+    for i in tiles:
+        fresh = open_slide(slide.path) if getattr(slide, "path", None) is not None else slide
+        try:
+            _write_one(fresh, store, i, int(origins[i, 0]), int(origins[i, 1]), ds, tile)
+        finally:
+            if fresh is not slide and hasattr(fresh, "close"):
+                fresh.close()
 
 
 def _chain_limit(it, n: int) -> Iterable[int]:
