@@ -285,3 +285,31 @@ def test_h_maxima_by_region_equals_skimage_inside_the_regions():
     lone = np.zeros((20, 20))
     lone[5:8, 5:8] = 0.4
     assert np.array_equal(h_maxima_by_region(lone, 1.0) > 0, (h_maxima(lone, 1.0) > 0) & (lone > 0))
+
+
+def test_enhance_runs_on_dask_and_in_shards_with_the_serial_result(tmp_path):
+    from nucli.models.gensegnet.enhance import ARRAY, STAGE, enhance_store
+    from nucli.models.registry import build_method
+    from nucli.parallel import MethodRecipe, make_runner
+    from nucli.pipeline import store_from_array
+
+    weights = _tiny_weights(tmp_path)
+    method = build_method("gensegnet", weights=weights)
+    image = np.random.default_rng(4).integers(0, 255, (150, 200, 3)).astype(np.uint8)
+
+    def fresh(name):
+        return store_from_array(tmp_path / name, image, tile_size=128, overlap=16)
+
+    serial = fresh("serial.zarr")
+    enhance_store(serial, method, batch_size=2)
+    sharded = fresh("shards.zarr")
+    first = enhance_store(sharded, method, batch_size=2, shard="0/2")
+    assert 0 < first["tiles_enhanced"] < sharded.n_tiles and not sharded.done(STAGE).all()
+    enhance_store(sharded, method, batch_size=2, shard="1/2")
+    dasked = fresh("dask.zarr")
+    with make_runner(workers=1) as runner:
+        enhance_store(dasked, method, batch_size=2, runner=runner, recipe=MethodRecipe.create("gensegnet", weights))
+    for store in (sharded, dasked):
+        assert store.done(STAGE).all()
+        for i in range(serial.n_tiles):
+            assert np.array_equal(store.read(ARRAY, i), serial.read(ARRAY, i))

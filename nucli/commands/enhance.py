@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from nucli.commands import _options as opt
 from nucli.commands._common import handle_errors, print_summary
 from nucli.commands._options import BatchSize, JsonSummary, OptOutput, Overwrite, Quiet, Weights
 from nucli.errors import InputError, OutputExistsError, UsageError
@@ -24,6 +25,12 @@ def run(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     json_summary: JsonSummary = False,
+    workers: opt.Workers = None,
+    threads: opt.Threads = None,
+    scheduler: opt.Scheduler = None,
+    cluster: opt.Cluster = None,
+    cluster_config: opt.ClusterConfig = None,
+    shard: opt.Shard = None,
 ) -> None:
     """Enhance nuclei (GeNSeg-Net generator): a run store gets array 'enhanced'; an image gets an enhanced PNG.
 
@@ -39,6 +46,9 @@ def run(
       The same, and also save the enhanced tiles as PNGs:
       nucli enhance slide.zarr --png enhanced/
 
+      Spread the tiles over 2 local Dask worker processes:
+      nucli enhance slide.zarr --workers 2
+
       Enhance one image into a PNG:
       nucli enhance image.png -o image_enhanced.png
     """
@@ -48,16 +58,26 @@ def run(
     if not source.exists():
         raise InputError(f"{source} does not exist")
     method = build_method("gensegnet", weights=weights)
+    distributed = any(v is not None for v in (workers, threads, scheduler, cluster, cluster_config, shard))
     if is_run_store(source):
         if output is not None:
             raise UsageError("-o is for image inputs; a run store is enhanced in place (use --png DIR for pictures)")
-        summary = _enhance_store(source, method, batch_size, overwrite, quiet, png)
+        from nucli.parallel import MethodRecipe, make_runner
+
+        with make_runner(workers=workers, threads=threads, scheduler=scheduler, cluster=cluster,
+                         cluster_config=cluster_config) as runner:
+            summary = _enhance_store(source, method, batch_size, overwrite, quiet or json_summary, png,
+                                     runner=runner, recipe=MethodRecipe.create("gensegnet", weights), shard=shard)
+    elif distributed:
+        raise UsageError("--workers/--threads/--scheduler/--cluster/--shard are for run stores; "
+                         "tile the slide first with `nucli tile`")
     else:
         summary = _enhance_image(source, method, output, overwrite)
     print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli enhance")
 
 
-def _enhance_store(path: Path, method, batch_size: int, overwrite: bool, quiet: bool, png: Optional[Path]) -> dict:
+def _enhance_store(path: Path, method, batch_size: int, overwrite: bool, quiet: bool, png: Optional[Path],
+                   runner=None, recipe=None, shard=None) -> dict:
     from nucli.models.gensegnet.enhance import STAGE, enhance_store, write_pngs
     from nucli.pipeline import track
     from nucli.tiling.store import RunStore
@@ -65,7 +85,8 @@ def _enhance_store(path: Path, method, batch_size: int, overwrite: bool, quiet: 
     store = RunStore.open(path, mode="r+")
     todo = int((~store.done(STAGE)).sum()) if store.stage_meta(STAGE) and not overwrite else store.n_tiles
     with track(total=todo, description="Enhancing", enabled=not quiet) as advance:
-        counts = enhance_store(store, method, batch_size=batch_size, overwrite=overwrite, advance=advance)
+        counts = enhance_store(store, method, batch_size=batch_size, overwrite=overwrite, advance=advance,
+                               runner=runner, recipe=recipe, shard=shard)
     summary = {"store": str(path), **counts}
     if png is not None:
         summary["pngs"] = write_pngs(store, png)

@@ -33,38 +33,67 @@ def stage_settings(method) -> dict:
             "generator": json.dumps(method.config.params.get("generator"), sort_keys=True)}
 
 
-def _batches(items: np.ndarray, size: int) -> Iterable[np.ndarray]:
-    for k in range(0, len(items), size):
-        yield items[k: k + size]
+class EnhanceJob:
+    """One batch of ``enhance``: read tiles -> generator -> write ``enhanced`` + mark done.
+
+    The same job shape as :class:`nucli.pipeline.SegmentJob`, so any runner (serial,
+    Dask local, a scheduler, SLURM) can run it.
+    """
+
+    stage = STAGE
+
+    def load(self, store, batch) -> np.ndarray:
+        w, h = batch.extent
+        return np.stack([store.read_tile(i)[:h, :w] for i in batch.members])
+
+    def compute(self, method, pixels: np.ndarray) -> np.ndarray:
+        from nucli.models.gensegnet.method import enhanced_to_uint8
+
+        return enhanced_to_uint8(method.enhance(pixels))
+
+    def finish(self, store, method, batch, computed: np.ndarray) -> None:
+        t = store.tile_size
+        for i, e in zip(batch.members, computed):
+            full = np.zeros((t, t), np.uint8)
+            full[: e.shape[0], : e.shape[1]] = e
+            store.write(ARRAY, i, full)
+            store.mark_done(STAGE, i)  # after the pixels: a "done" tile is always complete
+
+    def run(self, store, method, batch) -> int:
+        self.finish(store, method, batch, self.compute(method, self.load(store, batch)))
+        return len(batch.members)
 
 
 def enhance_store(store, method, *, batch_size: int | None = None, overwrite: bool = False,
-                  advance: Callable[[int], None] | None = None) -> dict:
-    """Enhance every pending tile of ``store``; returns counts."""
-    from nucli.models.gensegnet.method import enhanced_to_uint8
+                  advance: Callable[[int], None] | None = None, runner=None, recipe=None, shard=None,
+                  lock: bool = True) -> dict:
+    """Enhance every pending tile of ``store``; returns counts.
+
+    ``runner`` (:class:`nucli.parallel.Runner`, default serial) decides where the batches run
+    (Dask workers build the method from ``recipe``); ``shard`` ('i/n') limits the run to every
+    n-th tile, for job arrays. The store is locked against a second writer without ``--shard``.
+    """
+    from contextlib import nullcontext
+
+    from nucli.parallel import Runner, Shard, StoreLock, plan_batches, setup_lock
     from nucli.pipeline import tile_extents
 
-    store.set_stage_meta(STAGE, stage_settings(method), overwrite=overwrite)
-    store.init_done(STAGE)
-    t = store.tile_size
-    store.ensure_array(ARRAY, (t, t), "uint8", fill_value=0)
-    todo = np.flatnonzero(~store.done(STAGE))
-    extents = tile_extents(store)
-    bs = int(batch_size or method.config.batch_size or 1)
-    for batch in _batches(todo, bs):
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i in batch:
-            groups.setdefault(tuple(int(v) for v in extents[i]), []).append(int(i))
-        for (w, h), members in groups.items():
-            pixels = np.stack([store.read_tile(i)[:h, :w] for i in members])
-            enhanced = enhanced_to_uint8(method.enhance(pixels))
-            for i, e in zip(members, enhanced):
-                full = np.zeros((t, t), np.uint8)
-                full[:h, :w] = e
-                store.write(ARRAY, i, full)
-                store.mark_done(STAGE, i)
-                if advance is not None:
-                    advance(1)
+    shard = Shard.parse(shard)
+    runner = runner or Runner.serial()
+    with StoreLock(store.path, shard) if lock else nullcontext():
+        with setup_lock(store.path):
+            if hasattr(store, "reload"):
+                store.reload()  # another shard may have set the stage up meanwhile
+            store.set_stage_meta(STAGE, stage_settings(method), overwrite=overwrite)
+            store.init_done(STAGE)
+            t = store.tile_size
+            store.ensure_array(ARRAY, (t, t), "uint8", fill_value=0)
+        todo = np.flatnonzero(~store.done(STAGE))
+        if shard is not None:
+            todo = shard.select(todo)
+        bs = int(batch_size or method.config.batch_size or 1)
+        batches = plan_batches(todo, tile_extents(store), bs)
+        runner.run(store, EnhanceJob(), method, batches, recipe=recipe, advance=advance or (lambda n: None))
     return {"tiles_total": store.n_tiles, "tiles_enhanced": int(len(todo))}
 
 
