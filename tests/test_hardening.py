@@ -587,6 +587,29 @@ def test_sigint_during_stitch_then_rerun(segmented, tmp_path):
     assert out.read_bytes() == ref.read_bytes()
 
 
+def test_sigint_during_enhance_then_rerun(he_png, tmp_path):
+    from nucli.models.gensegnet.enhance import ARRAY, STAGE
+    from nucli.models.registry import get_spec
+
+    if not get_spec("gensegnet").weights_path.exists():
+        pytest.skip("gensegnet weights are not installed")
+    tile_args = ["--mpp", "0.5", "--tile-size", "256", "--overlap", "32", "--quiet"]
+    ref, run = tmp_path / "ref.zarr", tmp_path / "run.zarr"
+    for store in (ref, run):
+        assert invoke("tile", he_png, "-o", store, *tile_args).exit_code == 0
+    assert invoke("enhance", ref, "--quiet").exit_code == 0
+    rc, err = interrupt_after(nucli_slowed(("nucli.models.gensegnet.enhance", "EnhanceJob", "finish", 0.3),
+                                           "enhance", run, "--batch-size", "1", "--quiet"), 2)
+    assert rc == 130 and "rerun the same command to resume" in err
+    done = RunStore.open(run).done(STAGE)
+    assert 0 < done.sum() < done.size
+    r = invoke("enhance", run, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["tiles_enhanced"] == int((~done).sum())
+    a, b = RunStore.open(ref), RunStore.open(run)
+    for i in range(a.n_tiles):
+        np.testing.assert_array_equal(a.read(ARRAY, i), b.read(ARRAY, i))
+
+
 def test_sigint_during_evaluate_then_rerun(tmp_path):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     gt.mkdir()
