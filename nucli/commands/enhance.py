@@ -34,9 +34,7 @@ def run(
 ) -> None:
     """Enhance nuclei (GeNSeg-Net generator): a run store gets array 'enhanced'; an image gets an enhanced PNG.
 
-    For a run store the enhanced tiles are stored in the store itself (resumable), and
-    `nucli segment` then runs only the U-Net and watershed on them. For an image, -o names
-    the output PNG (default: <image>_enhanced.png beside it).
+    For a run store the enhanced tiles are stored in the store itself (resumable), and `nucli segment` then runs only the U-Net and watershed on them. For an image, -o names the output PNG (default: <image>_enhanced.png beside it).
 
     Examples:
 

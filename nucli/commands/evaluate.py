@@ -66,9 +66,7 @@ def run(
 ) -> None:
     """Score predicted nuclei against ground truth: AJI, AJI+, Dice, DQ/SQ/PQ, precision/recall/F1.
 
-    Either [bold]nucli evaluate PRED GT[/] (files or folders) or
-    [bold]nucli evaluate --dataset DIR --method NAME[/]. The aggregate is shown as the mean over
-    images (as in published tables) and pooled over all nuclei. [bold]-o[/] writes the full report as JSON.
+    Either [bold]nucli evaluate PRED GT[/] (files or folders) or [bold]nucli evaluate --dataset DIR --method NAME[/]. The aggregate is shown as the mean over images (as in published tables) and pooled over all nuclei. [bold]-o[/] writes the full report as JSON.
 
     Examples:
 

@@ -55,9 +55,7 @@ def run(
 ) -> None:
     """Find every nucleus: tile the slide (if needed), segment each tile, stitch, export.
 
-    A rerun continues where an interrupted run stopped (finished tiles are kept in the run store).
-    --workers/--scheduler/--cluster spread the tiles over Dask workers; --shard i/n on a run store
-    segments every n-th tile only (for HPC job arrays; run `nucli stitch` once all shards are done).
+    A rerun continues where an interrupted run stopped (finished tiles are kept in the run store). --workers/--scheduler/--cluster spread the tiles over Dask workers; --shard i/n on a run store segments every n-th tile only (for HPC job arrays; run `nucli stitch` once all shards are done).
 
     Examples:
 
