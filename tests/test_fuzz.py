@@ -137,39 +137,33 @@ def _use_store(path: Path) -> None:
     assert frame.downsample > 0 and frame.working_size[0] >= 1
 
 
-@FUZZ
-@given(meta_edits, st.sets(st.sampled_from(META_KEYS), max_size=3))
-def test_run_store_metadata(store_path, edits, removed):
+def _use_store_with_metadata(path: Path, make_meta) -> None:
+    """Replace the store's metadata by ``make_meta(original)``, use the store, restore the original."""
     import zarr
 
-    g = zarr.open_group(str(store_path), mode="r+")
+    g = zarr.open_group(str(path), mode="r+")
     original = dict(g.attrs["nucli"])
     try:
-        meta = {k: v for k, v in {**original, **edits}.items() if k not in removed}
-        g.attrs["nucli"] = meta
+        g.attrs["nucli"] = make_meta(original)
         try:
-            _use_store(store_path)
+            _use_store(path)
         except NucliError:
             pass
     finally:
         g.attrs["nucli"] = original
+
+
+@FUZZ
+@given(meta_edits, st.sets(st.sampled_from(META_KEYS), max_size=3))
+def test_run_store_metadata(store_path, edits, removed):
+    _use_store_with_metadata(
+        store_path, lambda original: {k: v for k, v in {**original, **edits}.items() if k not in removed})
 
 
 @FUZZ
 @given(json_values)
 def test_run_store_metadata_of_any_shape(store_path, value):
-    import zarr
-
-    g = zarr.open_group(str(store_path), mode="r+")
-    original = dict(g.attrs["nucli"])
-    try:
-        g.attrs["nucli"] = value
-        try:
-            _use_store(store_path)
-        except NucliError:
-            pass
-    finally:
-        g.attrs["nucli"] = original
+    _use_store_with_metadata(store_path, lambda original: value)
 
 
 # ====================================================================== model config in weights files

@@ -9,11 +9,11 @@ further formats are written beside ``-o`` with the same stem::
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from nucli.errors import InputError, OutputExistsError, UsageError
+from nucli.errors import OutputExistsError, UsageError
+from nucli.export._atomic import check_writable
 
 # format name -> suffix written for it (first match wins when reading a suffix)
 FORMATS: dict[str, str] = {
@@ -91,18 +91,7 @@ def check_outputs(paths: list[Path], overwrite: bool) -> None:
         seen.add(rp)
         if Path(p).exists() and not overwrite:
             raise OutputExistsError(f"{p} already exists; pass --overwrite to replace it")
-        _check_writable(Path(p))
-
-
-def _check_writable(path: Path) -> None:
-    """Fail before any work when ``path``'s folder cannot exist (a file in the way, no permission)."""
-    probe = path.absolute().parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"cannot write {path}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {path}: no write permission in {probe}")
+        check_writable(Path(p))
 
 
 def make_sinks(outputs: dict[str, Path], overlay: Path | None = None) -> list[Any]:

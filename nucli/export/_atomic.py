@@ -12,6 +12,17 @@ from typing import IO, Any
 from nucli.errors import InputError
 
 
+def check_writable(path: Path) -> None:
+    """Fail before any work when ``path``'s folder cannot exist (a file in the way, no permission)."""
+    probe = Path(path).absolute().parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot write {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: no write permission in {probe}")
+
+
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 

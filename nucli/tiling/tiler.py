@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from nucli.errors import InputError, OutputExistsError, StoreError, UsageError
+from nucli.export._atomic import check_writable
 from nucli.tiling.grid import TileGrid
 from nucli.tiling.store import ATTR_KEY, FORMAT_VERSION, RunStore
 
@@ -162,7 +163,7 @@ def run_tiling(
                             out, len(lost))
                 store.unmark_done(STAGE, lost)
         else:
-            _check_writable(out)
+            check_writable(out)
             fraction = None
             mask_ds = None
             if tissue_mask:
@@ -288,18 +289,6 @@ def _inspect_output(out: Path, settings: dict[str, Any], overwrite: bool) -> Run
     if out.is_dir() and any(out.iterdir()):
         raise OutputExistsError(f"refusing to replace {out}: it is a non-empty directory that is not a run store")
     return None
-
-
-def _check_writable(out: Path) -> None:
-    """Fail early (before any work) when ``out`` cannot be created."""
-    parent = out.absolute().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"cannot write {out}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {out}: no write permission in {probe}")
 
 
 def _temp_path(out: Path, tag: str) -> Path:

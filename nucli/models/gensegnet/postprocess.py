@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nucli.postprocess import centroid_radius  # noqa: F401 - shared; re-exported for callers of this module
+from nucli.postprocess import centroid_radius
 
 
 @dataclass(frozen=True)
