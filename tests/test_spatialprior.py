@@ -124,6 +124,52 @@ def test_sampler_shapes_rescaling_and_resume():
     assert np.array_equal(b["t"], again["t"]) and np.array_equal(b["m"], again["m"])
 
 
+def test_pseudo_pair_sampler_keeps_image_and_mask_aligned():
+    from nucli.training.spatialprior import PseudoPairSampler
+
+    rng = np.random.default_rng(1)
+    lab = _discs((80, 96), rng.integers(8, 72, (12, 2)), 6)
+    img = np.full((80, 96, 3), 230, np.uint8)
+    img[lab > 0] = (60, 30, 120)
+    mask = (lab > 0).astype(np.uint8)
+    exact = PseudoPairSampler([img], [mask], crop=32, batch=6, scale=1.0, spread=1.0, seed=0).next()
+    assert exact["t"].shape == (6, 3, 32, 32) and exact["m"].shape == (6, 1, 32, 32)
+    # no rescaling: the mask is exactly the dark pixels of the same crop, after the same flip/rotation
+    np.testing.assert_array_equal(exact["m"][:, 0] > 0.5, exact["t"][:, 0] < 0.5)
+    # with rescaling the two differ only along contours (bilinear image vs nearest mask)
+    scaled = PseudoPairSampler([img], [mask], crop=32, batch=6, scale=1.3, spread=1.2, seed=0).next()
+    assert np.mean((scaled["m"][:, 0] > 0.5) != (scaled["t"][:, 0] < 0.5)) < 0.05
+
+
+def test_warm_start_fits_pseudo_masks_and_is_cached(tmp_path):
+    from nucli.training.spatialprior import PRESETS, PseudoPairSampler, build_networks, sharpen, warm_start
+
+    rng = np.random.default_rng(2)
+    lab = _discs((64, 64), rng.integers(8, 56, (6, 2)), 6)
+    img = np.full((64, 64, 3), 230, np.uint8)
+    img[lab > 0] = (60, 30, 120)
+    mask = (lab > 0).astype(np.uint8)
+    torch.manual_seed(0)
+    S = build_networks({**PRESETS["cpu"], **TINY})[0]
+    pairs = PseudoPairSampler([img], [mask], crop=32, batch=4, seed=0)
+    x = torch.from_numpy(img.astype(np.float32).transpose(2, 0, 1)[None] / 255.0)
+
+    def err():
+        with torch.inference_mode():
+            return float((sharpen(S(x), 60.0)[0, 0].numpy() > 0.5).astype(np.float32).__ne__(mask).mean())
+
+    before = err()
+    info = warm_start(S, pairs, steps=40, lr=5e-3, out_dir=tmp_path)
+    assert info["steps"] == 40 and (tmp_path / "sp.warm.safetensors").exists()
+    assert err() < min(before, 0.15)
+    log = [json.loads(line) for line in (tmp_path / "sp.log.jsonl").read_text().splitlines()]
+    assert log[-1]["stage"] == "warm" and log[-1]["step"] == 40
+    # a second call loads the cached result instead of training again
+    S2 = build_networks({**PRESETS["cpu"], **TINY})[0]
+    assert warm_start(S2, pairs, steps=40, lr=5e-3, out_dir=tmp_path)["cached"]
+    assert all(torch.equal(a, b) for a, b in zip(S.state_dict().values(), S2.state_dict().values()))
+
+
 def test_bad_inputs_are_clear_errors(tmp_path):
     from nucli.errors import InputError
     from nucli.training.spatialprior import load_prior_masks, load_unlabelled
@@ -169,6 +215,7 @@ def test_three_step_training_writes_loadable_weights_and_resumes(tmp_path):
     out = tmp_path / "run"
     summary = train_spatialprior(images, masks, out, steps=3, crop=32, batch=2, threads=1, overrides=TINY)
     assert summary["run"]["steps"] == 3
+    assert summary["warm_start"]["steps"] == 1  # at most a fifth of the joint steps, at least one
     weights = out / "spatialprior_cpu.safetensors"
     assert weights.exists() and (out / "sp.ckpt.safetensors").exists()
     log = [json.loads(line) for line in (out / "sp.log.jsonl").read_text().splitlines()]

@@ -39,6 +39,10 @@ def test_three_step_training_writes_loadable_weights_and_resumes(tmp_path):
     summary = train_gensegnet(data, out, val_dir=data, preset="cpu", epochs=gan_epochs, crop=64, batch=2,
                               threads=1)
     assert summary["stages"]["gan"]["steps"] == 3
+    # the cpu preset's second GAN phase ran, and the exported generator is its best one
+    assert summary["stages"]["gan2"]["steps"] >= 1 and (out / "gan2.best.safetensors").exists()
+    from nucli.training.gensegnet import generator_file
+    assert generator_file(out) == out / "gan2.best.safetensors"
     weights = out / "gensegnet_cpu.safetensors"
     assert weights.exists() and (out / "gensegnet_cpu.json").exists() and (out / "gensegnet_cpu.md").exists()
     log = [json.loads(line) for line in (out / "gan.log.jsonl").read_text().splitlines()]

@@ -4,6 +4,9 @@ Stages (each checkpointed and resumable, each keeps its best model by val):
 
 1. ``gan``      -- enhancement generator + transformer discriminator on
    (gray image -> ideal-nucleus image) pairs.
+1b. ``gan2``    -- cpu preset only: a second GAN phase at the paper's learning
+   rate (1e-4), starting from the first phase's networks; later stages use its
+   generator.
 2. ``unet``     -- 3-class U-Net trained on ideal images (the stage-1 targets)
    as input, as in the paper; ideal images are lightly degraded (blur, noise,
    gain) so the U-Net tolerates imperfect enhanced images.
@@ -34,6 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gan": {"lr": 1e-4, "lam": 0.01},
         "unet_train": {"lr": 1e-4, "epochs": 200},
         "finetune": {"lr": 2e-5, "epochs": 20},
+        "gan_refine": None,
     },
     # narrow and short enough to train in about an hour on 2 CPU cores
     "cpu": {
@@ -43,7 +47,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "crop": 256, "batch": 6, "epochs": 9.375,
         "gan": {"lr": 4e-4, "lam": 0.01},
         "unet_train": {"lr": 1e-3, "epochs": 4},
-        "finetune": {"lr": 2e-4, "epochs": 2},
+        "finetune": {"lr": 2e-4, "epochs": 21.63},
+        # a second GAN phase at the paper's learning rate, from the first phase's networks
+        "gan_refine": {"lr": 1e-4, "epochs": 21.63},
     },
 }
 
@@ -51,6 +57,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 def steps_for(epochs: float, n_images: int, batch: int) -> int:
     """One epoch = one random crop per training image."""
     return max(int(round(epochs * n_images / batch)), 1)
+
+
+def generator_file(out_dir: Path) -> Path:
+    """The generator the later stages use: the refined one when that phase ran."""
+    refined = Path(out_dir) / "gan2.best.safetensors"
+    return refined if refined.exists() else Path(out_dir) / "gan.best.safetensors"
 
 
 def build_networks(preset: dict[str, Any]):
@@ -145,6 +157,23 @@ def run_stage(stage: str, train_dir: Path, val_dir: Path | None, out_dir: Path, 
         return train_gan(gen, disc, lambda i: _torch_batch(sampler.next()),
                          gan_val_fn(val, gen.stride) if val else None, cfg, out_dir, "gan", resume, sampler, progress)
 
+    if stage == "gan2":
+        rc = preset.get("gan_refine")
+        if not rc:
+            raise ValueError(f"preset {preset_name} has no GAN refinement phase")
+        from nucli.training.loop import load_checkpoint
+
+        # both networks as the first phase left them (best generator, last discriminator); fresh optimisers
+        load_checkpoint(out_dir / "gan.ckpt.safetensors", {"gen": gen, "disc": disc}, {})
+        load_module(out_dir / "gan.best.safetensors", gen)
+        ep = rc["epochs"] if epochs is None else epochs
+        steps = steps_for(ep, len(train), batch)
+        sampler = CropSampler(train, crop, batch, seed=seed + 40)
+        cfg = GanConfig(steps=steps, lr=rc["lr"], lam=preset["gan"]["lam"],
+                        ckpt_every=max(min(50, steps), 1), val_every=max(min(100, steps), 1))
+        return train_gan(gen, disc, lambda i: _torch_batch(sampler.next()),
+                         gan_val_fn(val, gen.stride) if val else None, cfg, out_dir, "gan2", resume, sampler, progress)
+
     if stage in ("unet", "raw", "finetune"):
         uc = preset["finetune"] if stage == "finetune" else preset["unet_train"]
         ep = uc["epochs"] if epochs is None else epochs
@@ -161,7 +190,7 @@ def run_stage(stage: str, train_dir: Path, val_dir: Path | None, out_dir: Path, 
                 return _torch_batch({"x": b["x"], "cls": b["cls"]})
             val_in = lambda s: s.x.astype(np.float32)  # noqa: E731
         else:
-            load_module(out_dir / "gan.best.safetensors", gen)
+            load_module(generator_file(out_dir), gen)
             load_module(out_dir / "unet.best.safetensors", unet)
             gen.eval()
             for p in gen.parameters():
@@ -306,7 +335,7 @@ def assemble(out_dir: Path, preset_name: str, val_dir: Path | None, unet_stage: 
     out_dir = Path(out_dir)
     preset = PRESETS[preset_name]
     gen, _, unet = build_networks(preset)
-    load_module(out_dir / "gan.best.safetensors", gen)
+    load_module(generator_file(out_dir), gen)
     candidates = [unet_stage] if unet_stage else [s for s in ("unet", "finetune")
                                                   if (out_dir / f"{s}.best.safetensors").exists()]
     # centre crops (<= 512 px) of the val images keep threshold tuning affordable on a CPU
@@ -398,7 +427,10 @@ def train_gensegnet(train_dir: Path, out_dir: Path, val_dir: Path | None = None,
     t0 = time.time()
     out_dir = Path(out_dir)
     stages: dict[str, Any] = {}
-    plan = [("gan", p["epochs"]), ("unet", p["unet_train"]["epochs"])]
+    plan = [("gan", p["epochs"])]
+    if p.get("gan_refine"):
+        plan.append(("gan2", p["gan_refine"]["epochs"]))
+    plan.append(("unet", p["unet_train"]["epochs"]))
     if finetune:
         plan.append(("finetune", p["finetune"]["epochs"]))
     for stage, ep in plan:
