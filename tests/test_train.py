@@ -118,3 +118,45 @@ def test_cli_train_rejects_bad_inputs(tmp_path):
     assert r.exit_code == 2 and "--resume" in r.output
     r = runner.invoke(app, ["train", "--data", str(data), "-o", str(tmp_path / "o3"), "--method", "watershed"])
     assert r.exit_code == 1 and "gensegnet" in r.output
+
+
+def test_first_ctrl_c_finishes_the_step_and_checkpoints_it(tmp_path):
+    """A Ctrl-C in the middle of a step: the step completes, is checkpointed, then KeyboardInterrupt."""
+    import os
+    import signal
+
+    from nucli.training.loop import InterruptGuard, LoopConfig, load_checkpoint, train_supervised
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # also when run with SIGINT ignored
+    try:
+        _ctrl_c_during_training(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_during_training(tmp_path):
+    import os
+    import signal
+
+    from nucli.training.loop import InterruptGuard, LoopConfig, load_checkpoint, train_supervised
+
+    net = torch.nn.Linear(2, 1)
+    x, y = torch.rand(8, 2), torch.rand(8, 1)
+
+    def next_batch(i):
+        if i == 6:  # the 7th step: Ctrl-C arrives while its batch is being made
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"x": x, "y": y}
+
+    loss = lambda m, b: (((m(b["x"]) - b["y"]) ** 2).mean(), {})  # noqa: E731
+    cfg = LoopConfig(steps=50, lr=1e-2, ckpt_every=100, val_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        train_supervised(net, next_batch, loss, None, cfg, tmp_path, "t")
+    meta = load_checkpoint(tmp_path / "t.ckpt.safetensors", {"model": torch.nn.Linear(2, 1)}, {})
+    assert meta["step"] == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    with InterruptGuard() as guard:  # outside a loop the guard only records the request
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.requested
+    done = train_supervised(net, lambda i: {"x": x, "y": y}, loss, None, cfg, tmp_path, "t", resume=True)
+    assert done["steps"] == 50

@@ -201,7 +201,7 @@ def _multi_loop(name: str, step_fn: Callable[[int], dict[str, float]], modules: 
                 resume: bool, samplers: dict[str, Any], decay_start: float = 0.5, ckpt_every: int = 100,
                 log_every: int = 10, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run ``step_fn`` ``steps`` times with checkpoints of all modules/optimizers/samplers and a loss log."""
-    from nucli.training.loop import LossLog, linear_decay, load_checkpoint, save_checkpoint
+    from nucli.training.loop import InterruptGuard, LossLog, linear_decay, load_checkpoint, save_checkpoint
 
     ckpt = Path(out_dir) / f"{name}.ckpt.safetensors"
     logf = LossLog(Path(out_dir) / f"{name}.log.jsonl")
@@ -216,25 +216,30 @@ def _multi_loop(name: str, step_fn: Callable[[int], dict[str, float]], modules: 
     t0 = time.time() - elapsed
     running: dict[str, float] = {}
     ckpt_every = max(min(ckpt_every, steps), 1)
-    while step < steps:
-        f = linear_decay(step, steps, decay_start)
-        for k, opt in optimizers.items():
-            for g in opt.param_groups:
-                g["lr"] = base_lrs[k] * f
-        parts = step_fn(step)
-        step += 1
-        elapsed = time.time() - t0
-        for k, v in parts.items():
-            running[k] = running.get(k, 0.0) + v
-        if step % log_every == 0 or step == steps:
-            n = log_every if step % log_every == 0 else step % log_every
-            logf.write(stage=name, step=step, elapsed=round(elapsed, 1), **{k: v / n for k, v in running.items()})
-            running = {}
-        if progress is not None:
-            progress(step, steps)
-        if step % ckpt_every == 0 or step == steps:
-            save_checkpoint(ckpt, modules, optimizers,
-                            {"step": step, "elapsed": elapsed, "samplers": {k: s.state() for k, s in samplers.items()}})
+    with InterruptGuard() as guard:
+        while step < steps:
+            f = linear_decay(step, steps, decay_start)
+            for k, opt in optimizers.items():
+                for g in opt.param_groups:
+                    g["lr"] = base_lrs[k] * f
+            parts = step_fn(step)
+            step += 1
+            elapsed = time.time() - t0
+            for k, v in parts.items():
+                running[k] = running.get(k, 0.0) + v
+            if step % log_every == 0 or step == steps:
+                n = log_every if step % log_every == 0 else step % log_every
+                logf.write(stage=name, step=step, elapsed=round(elapsed, 1), **{k: v / n for k, v in running.items()})
+                running = {}
+            if progress is not None:
+                progress(step, steps)
+            if step % ckpt_every == 0 or step == steps:
+                save_checkpoint(ckpt, modules, optimizers,
+                                {"step": step, "elapsed": elapsed, "samplers": {k: s.state() for k, s in samplers.items()}})
+            if guard.requested:
+                save_checkpoint(ckpt, modules, optimizers, {"step": step, "elapsed": elapsed,
+                                                            "samplers": {k: s.state() for k, s in samplers.items()}})
+                guard.stop()
     return {"name": name, "steps": step, "wall_s": round(elapsed, 1)}
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from nucli.training.loop import LossLog, linear_decay, load_checkpoint, load_module, save_checkpoint, save_module
+from nucli.training.loop import (InterruptGuard, LossLog, linear_decay, load_checkpoint, load_module,
+                                     save_checkpoint, save_module)
 
 log = logging.getLogger("nucli.training")
 
@@ -88,42 +89,46 @@ def train_gan(
     disc.train()
     t0 = time.time() - elapsed
     running: dict[str, float] = {}
-    while step < cfg.steps:
-        f = linear_decay(step, cfg.steps, cfg.decay_start)
-        for opt in (opt_g, opt_d):
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * f
-        batch = next_batch(step)
-        x, y = batch["x"], batch["ideal"]
-        fake = gen(x)
-        # discriminator
-        opt_d.zero_grad(set_to_none=True)
-        d_loss = 0.5 * (gan_loss(disc(y), True) + gan_loss(disc(fake.detach()), False))
-        d_loss.backward()
-        opt_d.step()
-        # generator
-        opt_g.zero_grad(set_to_none=True)
-        l1 = F.l1_loss(fake, y)
-        adv = gan_loss(disc(fake), True)
-        g_loss = l1 + cfg.lam * adv
-        g_loss.backward()
-        opt_g.step()
-        step += 1
-        elapsed = time.time() - t0
-        parts = {"l1": l1.item(), "adv": adv.item(), "d": d_loss.item()}
-        for k, v in parts.items():
-            running[k] = running.get(k, 0.0) + v
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            logf.write(stage=name, step=step, lr=cfg.lr * f, elapsed=round(elapsed, 1),
-                       **{k: v / n for k, v in running.items()})
-            running = {}
-        if progress is not None:
-            progress(step, cfg.steps, parts)
-        if val_fn is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-            validate()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint()
+    with InterruptGuard() as guard:
+        while step < cfg.steps:
+            f = linear_decay(step, cfg.steps, cfg.decay_start)
+            for opt in (opt_g, opt_d):
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * f
+            batch = next_batch(step)
+            x, y = batch["x"], batch["ideal"]
+            fake = gen(x)
+            # discriminator
+            opt_d.zero_grad(set_to_none=True)
+            d_loss = 0.5 * (gan_loss(disc(y), True) + gan_loss(disc(fake.detach()), False))
+            d_loss.backward()
+            opt_d.step()
+            # generator
+            opt_g.zero_grad(set_to_none=True)
+            l1 = F.l1_loss(fake, y)
+            adv = gan_loss(disc(fake), True)
+            g_loss = l1 + cfg.lam * adv
+            g_loss.backward()
+            opt_g.step()
+            step += 1
+            elapsed = time.time() - t0
+            parts = {"l1": l1.item(), "adv": adv.item(), "d": d_loss.item()}
+            for k, v in parts.items():
+                running[k] = running.get(k, 0.0) + v
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                logf.write(stage=name, step=step, lr=cfg.lr * f, elapsed=round(elapsed, 1),
+                           **{k: v / n for k, v in running.items()})
+                running = {}
+            if progress is not None:
+                progress(step, cfg.steps, parts)
+            if val_fn is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                validate()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint()
+            if guard.requested:
+                checkpoint()
+                guard.stop()
     if val_fn is None or not best_path.exists():
         save_module(best_path, gen, {"step": step})
         best_step = step

@@ -22,6 +22,50 @@ from typing import Any, Callable
 log = logging.getLogger("nucli.training")
 
 
+class InterruptGuard:
+    """Defers the first Ctrl-C until the current training step is complete.
+
+    Inside ``with InterruptGuard() as guard:`` a first SIGINT only sets
+    ``guard.requested``; the loop checks it after each step, writes a
+    checkpoint and calls :meth:`stop` (which raises ``KeyboardInterrupt``), so
+    an interrupted run loses no finished step. A second Ctrl-C interrupts at
+    once, as usual. Outside the main thread (or when SIGINT is not Python's
+    default handler, e.g. ignored) nothing is changed.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> "InterruptGuard":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.default_int_handler
+
+            def handler(signum, frame):
+                if self.requested:
+                    raise KeyboardInterrupt
+                self.requested = True
+                log.warning("interrupt: finishing the current step and writing a checkpoint "
+                            "(Ctrl-C again to stop at once)")
+
+            signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+    def stop(self) -> None:
+        raise KeyboardInterrupt
+
+
 @dataclass
 class LoopConfig:
     steps: int
@@ -205,30 +249,34 @@ def train_supervised(
     model.train()
     t0 = time.time() - elapsed
     running: dict[str, float] = {}
-    while step < cfg.steps:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * linear_decay(step, cfg.steps, cfg.decay_start)
-        batch = next_batch(step)
-        loss, parts = loss_fn(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        elapsed = time.time() - t0
-        parts = {"loss": loss.item(), **parts}
-        for k, v in parts.items():
-            running[k] = running.get(k, 0.0) + v
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-            logf.write(stage=name, step=step, lr=opt.param_groups[0]["lr"], elapsed=round(elapsed, 1),
-                       **{k: v / n for k, v in running.items()})
-            running = {}
-        if progress is not None:
-            progress(step, cfg.steps, parts)
-        if val_fn is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-            validate()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint()
+    with InterruptGuard() as guard:
+        while step < cfg.steps:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * linear_decay(step, cfg.steps, cfg.decay_start)
+            batch = next_batch(step)
+            loss, parts = loss_fn(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            elapsed = time.time() - t0
+            parts = {"loss": loss.item(), **parts}
+            for k, v in parts.items():
+                running[k] = running.get(k, 0.0) + v
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                logf.write(stage=name, step=step, lr=opt.param_groups[0]["lr"], elapsed=round(elapsed, 1),
+                           **{k: v / n for k, v in running.items()})
+                running = {}
+            if progress is not None:
+                progress(step, cfg.steps, parts)
+            if val_fn is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                validate()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint()
+            if guard.requested:
+                checkpoint()
+                guard.stop()
     if val_fn is None or not best_path.exists():
         save_module(best_path, model, {"step": step})
         best_step = step

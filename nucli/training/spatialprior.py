@@ -430,7 +430,8 @@ def train_joint(nets: tuple, sampler: UnpairedSampler, cfg: dict[str, Any], out_
     """Train S, R, D_S, D_R jointly for ``cfg['steps']`` steps; keeps the S of lowest system loss."""
     import torch
 
-    from nucli.training.loop import LossLog, linear_decay, load_checkpoint, load_module, save_checkpoint, save_module
+    from nucli.training.loop import (InterruptGuard, LossLog, linear_decay, load_checkpoint, load_module,
+                                     save_checkpoint, save_module)
 
     S, R, DS, DR = nets
     steps = int(cfg["steps"])
@@ -467,65 +468,69 @@ def train_joint(nets: tuple, sampler: UnpairedSampler, cfg: dict[str, Any], out_
     t0 = time.time() - elapsed
     running: dict[str, float] = {}
     r = float(cfg["sharpen"])
-    while step < steps:
-        f = linear_decay(step, steps, cfg["decay_start"])
-        for opt in (opt_g, opt_d):
-            for g in opt.param_groups:
-                g["lr"] = cfg["lr"] * f
-        b = sampler.next()
-        t, m_real = torch.from_numpy(b["t"]), torch.from_numpy(b["m"])
-        t1, t2 = colour_augment(t, gen), colour_augment(t, gen)
-        s1 = sharpen(S(t1), r)
-        s2 = sharpen(S(t2), r)
-        rec = torch.sigmoid(R(s1))
-        # S and R: fool both discriminators, reconstruct the tile, agree across colour views
-        for p in list(DS.parameters()) + list(DR.parameters()):
-            p.requires_grad_(False)
-        g_adv_s = lsgan_loss(DS(s1), True)
-        g_adv_r = lsgan_loss(DR(rec), True)
-        l_rec = (rec - t).abs().mean()
-        l_cons = consistency_loss(s1, s2)
-        g_loss = w["adv_s"] * g_adv_s + w["adv_r"] * g_adv_r + w["rec"] * l_rec + w["cons"] * l_cons
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt_g.step()
-        for p in list(DS.parameters()) + list(DR.parameters()):
-            p.requires_grad_(True)
-        # D_S and D_R: real masks / tiles vs S's masks / reconstructions
-        d_s = lsgan_loss(DS(m_real), True) + lsgan_loss(DS(s1.detach()), False)
-        d_r = lsgan_loss(DR(t), True) + lsgan_loss(DR(rec.detach()), False)
-        d_loss = d_s + d_r
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
-        step += 1
-        elapsed = time.time() - t0
-        system = float(d_loss.item() + g_adv_s.item() + g_adv_r.item() + l_rec.item() + l_cons.item())
-        if not math.isfinite(system):
-            from nucli.errors import ProcessingError
+    with InterruptGuard() as guard:
+        while step < steps:
+            f = linear_decay(step, steps, cfg["decay_start"])
+            for opt in (opt_g, opt_d):
+                for g in opt.param_groups:
+                    g["lr"] = cfg["lr"] * f
+            b = sampler.next()
+            t, m_real = torch.from_numpy(b["t"]), torch.from_numpy(b["m"])
+            t1, t2 = colour_augment(t, gen), colour_augment(t, gen)
+            s1 = sharpen(S(t1), r)
+            s2 = sharpen(S(t2), r)
+            rec = torch.sigmoid(R(s1))
+            # S and R: fool both discriminators, reconstruct the tile, agree across colour views
+            for p in list(DS.parameters()) + list(DR.parameters()):
+                p.requires_grad_(False)
+            g_adv_s = lsgan_loss(DS(s1), True)
+            g_adv_r = lsgan_loss(DR(rec), True)
+            l_rec = (rec - t).abs().mean()
+            l_cons = consistency_loss(s1, s2)
+            g_loss = w["adv_s"] * g_adv_s + w["adv_r"] * g_adv_r + w["rec"] * l_rec + w["cons"] * l_cons
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            opt_g.step()
+            for p in list(DS.parameters()) + list(DR.parameters()):
+                p.requires_grad_(True)
+            # D_S and D_R: real masks / tiles vs S's masks / reconstructions
+            d_s = lsgan_loss(DS(m_real), True) + lsgan_loss(DS(s1.detach()), False)
+            d_r = lsgan_loss(DR(t), True) + lsgan_loss(DR(rec.detach()), False)
+            d_loss = d_s + d_r
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            step += 1
+            elapsed = time.time() - t0
+            system = float(d_loss.item() + g_adv_s.item() + g_adv_r.item() + l_rec.item() + l_cons.item())
+            if not math.isfinite(system):
+                from nucli.errors import ProcessingError
 
-            raise ProcessingError(f"spatialprior training diverged at step {step} (loss {system}); "
-                                  "lower the learning rate or resume from the last checkpoint")
-        parts = {"system": system, "d_s": d_s.item(), "d_r": d_r.item(), "g_adv_s": g_adv_s.item(),
-                 "g_adv_r": g_adv_r.item(), "rec": l_rec.item(), "cons": l_cons.item(),
-                 "fg": float(s1.detach().mean())}
-        for k, v in parts.items():
-            running[k] = running.get(k, 0.0) + v
-        window = (window + [system])[-win:]
-        if step >= burn_in and len(window) == win and step % max(win // 5, 1) == 0:
-            score = float(np.mean(window))
-            if best is None or score < best:
-                best, best_step = score, step
-                save_module(best_path, S, {"step": step, "system": score})
-        if step % cfg["log_every"] == 0 or step == steps:
-            n = cfg["log_every"] if step % cfg["log_every"] == 0 else step % cfg["log_every"]
-            logf.write(stage=name, step=step, lr=cfg["lr"] * f, elapsed=round(elapsed, 1),
-                       **{k: v / n for k, v in running.items()})
-            running = {}
-        if progress is not None:
-            progress(step, steps)
-        if step % cfg["ckpt_every"] == 0 or step == steps:
-            checkpoint()
+                raise ProcessingError(f"spatialprior training diverged at step {step} (loss {system}); "
+                                      "lower the learning rate or resume from the last checkpoint")
+            parts = {"system": system, "d_s": d_s.item(), "d_r": d_r.item(), "g_adv_s": g_adv_s.item(),
+                     "g_adv_r": g_adv_r.item(), "rec": l_rec.item(), "cons": l_cons.item(),
+                     "fg": float(s1.detach().mean())}
+            for k, v in parts.items():
+                running[k] = running.get(k, 0.0) + v
+            window = (window + [system])[-win:]
+            if step >= burn_in and len(window) == win and step % max(win // 5, 1) == 0:
+                score = float(np.mean(window))
+                if best is None or score < best:
+                    best, best_step = score, step
+                    save_module(best_path, S, {"step": step, "system": score})
+            if step % cfg["log_every"] == 0 or step == steps:
+                n = cfg["log_every"] if step % cfg["log_every"] == 0 else step % cfg["log_every"]
+                logf.write(stage=name, step=step, lr=cfg["lr"] * f, elapsed=round(elapsed, 1),
+                           **{k: v / n for k, v in running.items()})
+                running = {}
+            if progress is not None:
+                progress(step, steps)
+            if step % cfg["ckpt_every"] == 0 or step == steps:
+                checkpoint()
+            if guard.requested:
+                checkpoint()
+                guard.stop()
     if not best_path.exists():
         save_module(best_path, S, {"step": step})
         best_step = step
