@@ -13,7 +13,8 @@ Stages (each checkpointed and resumable, each keeps its best model by val):
 3. ``finetune`` -- optional: the same U-Net fine-tuned on the frozen
    generator's outputs (kept only if it is better on val).
 4. ``raw``      -- ablation only: a U-Net of the same size trained on the raw
-   gray images (no enhancement).
+   gray images (no enhancement); ``rawft`` continues it with ``finetune``'s
+   schedule, so the ablation gets as many U-Net updates as the full model.
 """
 
 from __future__ import annotations
@@ -174,17 +175,21 @@ def run_stage(stage: str, train_dir: Path, val_dir: Path | None, out_dir: Path, 
         return train_gan(gen, disc, lambda i: _torch_batch(sampler.next()),
                          gan_val_fn(val, gen.stride) if val else None, cfg, out_dir, "gan2", resume, sampler, progress)
 
-    if stage in ("unet", "raw", "finetune"):
-        uc = preset["finetune"] if stage == "finetune" else preset["unet_train"]
+    if stage in ("unet", "raw", "finetune", "rawft"):
+        uc = preset["finetune"] if stage in ("finetune", "rawft") else preset["unet_train"]
         ep = uc["epochs"] if epochs is None else epochs
         steps = steps_for(ep, len(train), batch)
-        sampler = CropSampler(train, crop, batch, seed=seed + {"unet": 10, "raw": 20, "finetune": 30}[stage])
+        sampler = CropSampler(train, crop, batch,
+                              seed=seed + {"unet": 10, "raw": 20, "finetune": 30, "rawft": 50}[stage])
         if stage == "unet":
             def next_batch(i):
                 b = sampler.next()
                 return _torch_batch({"x": degrade(b["ideal"], rng), "cls": b["cls"]})
             val_in = lambda s: s.ideal.astype(np.float32)  # noqa: E731
-        elif stage == "raw":
+        elif stage in ("raw", "rawft"):
+            if stage == "rawft":  # the ablation's mirror of ``finetune``: same schedule, raw gray inputs
+                load_module(out_dir / "raw.best.safetensors", unet)
+
             def next_batch(i):
                 b = sampler.next()
                 return _torch_batch({"x": b["x"], "cls": b["cls"]})
@@ -305,13 +310,14 @@ def assemble_raw(out_dir: Path, preset_name: str, val_dir: Path | None) -> dict[
 
     out_dir = Path(out_dir)
     _, _, unet = build_networks(PRESETS[preset_name])
-    load_module(out_dir / "raw.best.safetensors", unet)
+    stage = "rawft" if (out_dir / "rawft.best.safetensors").exists() else "raw"
+    load_module(out_dir / f"{stage}.best.safetensors", unet)
     gen = PassThrough()
     val = val_crops(load_dataset(val_dir, out_dir / "cache"), 512) if val_dir else []
-    cfg = method_config(preset_name, extra={"generator": None, "segmentation_stage": "raw"})
+    cfg = method_config(preset_name, extra={"generator": None, "segmentation_stage": stage})
     params, metrics = (tune_postprocess(_val_probs(GenSegNet(cfg, gen, unet), val), [s.labels for s in val])
                        if val else (dict(cfg.params["postprocess"]), {}))
-    cfg = method_config(preset_name, params, {"generator": None, "segmentation_stage": "raw"})
+    cfg = method_config(preset_name, params, {"generator": None, "segmentation_stage": stage})
     weights = export_weights(out_dir / f"gensegnet_{preset_name}_noenhance.safetensors", gen, unet, cfg)
     summary = {"weights": str(weights), "postprocess": params, "val": metrics}
     (out_dir / f"gensegnet_{preset_name}_noenhance.json").write_text(json.dumps(summary, indent=2, default=float))
