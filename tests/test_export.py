@@ -244,3 +244,36 @@ def test_failed_export_leaves_nothing_behind(tmp_path):
     with pytest.raises(ProcessingError):
         stitch_store(store, make_sinks(outs, out / "o.png"), progress=False)
     assert list(out.iterdir()) == []
+
+
+def test_overlay_shows_the_washed_out_slide_where_nothing_was_tiled(tmp_path):
+    """Untiled areas show the slide (lightened), or grey when the slide file is gone or changed."""
+    from PIL import Image
+
+    from nucli.export.overlay import NOT_TILED_RGB, WASH, OverlaySink
+    from nucli.slide import open_slide
+    from nucli.stitching import Frame
+
+    rgb = np.zeros((120, 160, 3), np.uint8)
+    rgb[:, :80] = (180, 40, 40)
+    rgb[:, 80:] = (40, 40, 180)
+    src = tmp_path / "slide.png"
+    Image.fromarray(rgb).save(src)
+    with open_slide(src) as s:
+        fp = s.fingerprint
+    frame = Frame(level0_size=(160, 120), working_size=(160, 120), downsample=1.0, um_per_px=None,
+                  source_mpp=None, fingerprint=fp, brightfield=True, has_scores=False, tile_size=64,
+                  overlap=8, source_path=str(src))
+    sink = OverlaySink(tmp_path / "o.png")
+    sink.open(frame)
+    sink.close()
+    out = np.asarray(Image.open(tmp_path / "o.png").convert("RGB")).astype(int)
+    assert out.shape == (120, 160, 3)
+    washed = np.round(np.array([180, 40, 40]) * (1 - WASH) + 255 * WASH)
+    assert np.abs(out[60, 20] - washed).max() <= 2 and out[60, 140, 2] > out[60, 140, 0] + 50
+    # the slide file changed since the run: grey, as before
+    Image.fromarray(rgb[:, ::-1].copy()).save(src)
+    sink = OverlaySink(tmp_path / "o2.png")
+    sink.open(frame)
+    sink.close()
+    assert (np.asarray(Image.open(tmp_path / "o2.png").convert("RGB")) == NOT_TILED_RGB).all()

@@ -1,9 +1,11 @@
 """Overlay picture: a downsampled view of the slide with every nucleus outlined.
 
 Built in the same pass as the other exports: each tile's owned region is
-shrunk into a canvas (longest side at most ``max_side`` px; background where no
-tile was stored -- no tissue -- is grey), then each nucleus' polygon is drawn on top. Meant
-for a person to glance at, not for measuring.
+shrunk into a canvas (longest side at most ``max_side`` px), then each nucleus'
+polygon is drawn on top. Where no tile was stored (no tissue there) the canvas
+shows the slide itself, washed out towards white so that the analysed area stands
+out; when the slide cannot be read any more (moved, changed), that area is grey.
+Meant for a person to glance at, not for measuring.
 """
 
 from __future__ import annotations
@@ -18,7 +20,42 @@ from nucli.export._atomic import AtomicFile
 
 MAX_SIDE = 4096
 CONTOUR_RGB = (0, 255, 0)
-NOT_TILED_RGB = (200, 200, 200)  # areas without a stored tile (no tissue there)
+NOT_TILED_RGB = (200, 200, 200)  # areas without a stored tile when the slide cannot be read
+WASH = 0.5  # share of white mixed into the slide where no tile was analysed
+
+
+def slide_background(frame: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """The slide of ``frame`` at canvas size ``shape`` (H, W), washed out; None if it cannot be read.
+
+    The file must still be the slide the run was made from (same fingerprint).
+    """
+    import logging
+
+    path = getattr(frame, "source_path", None)
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        from PIL import Image
+
+        from nucli.slide import open_slide
+
+        with open_slide(path) as slide:
+            if slide.fingerprint != frame.fingerprint:
+                return None
+            thumb = slide.thumbnail(max(shape))
+        h, w = shape
+        # the working grid covers working_size * downsample level-0 px: crop/pad the thumbnail to match
+        sx = thumb.shape[1] / (frame.level0_size[0] or 1)
+        sy = thumb.shape[0] / (frame.level0_size[1] or 1)
+        cw = max(1, round(frame.working_size[0] * frame.downsample * sx))
+        ch = max(1, round(frame.working_size[1] * frame.downsample * sy))
+        canvas = np.full((ch, cw, 3), 255, np.uint8)
+        canvas[:min(ch, thumb.shape[0]), :min(cw, thumb.shape[1])] = thumb[:ch, :cw, :3]
+        img = np.asarray(Image.fromarray(canvas).resize((w, h), Image.BILINEAR), np.float32)
+        return np.round(img * (1.0 - WASH) + 255.0 * WASH).astype(np.uint8)
+    except Exception as exc:  # noqa: BLE001 -- a picture for the eye; never fail an export over it
+        logging.getLogger("nucli.export").debug("overlay: slide background unavailable (%s)", exc)
+        return None
 
 
 class OverlaySink(Sink):
@@ -34,8 +71,9 @@ class OverlaySink(Sink):
         w, h = frame.working_size
         self.scale = min(1.0, self.max_side / float(max(w, h, 1)))  # canvas px per working px
         self.downsample = float(frame.downsample)
-        self.canvas = np.full((max(1, round(h * self.scale)), max(1, round(w * self.scale)), 3), NOT_TILED_RGB,
-                              np.uint8)
+        shape = (max(1, round(h * self.scale)), max(1, round(w * self.scale)))
+        bg = slide_background(frame, shape)
+        self.canvas = bg if bg is not None else np.full((*shape, 3), NOT_TILED_RGB, np.uint8)
 
     def add_tile(self, view: Any) -> None:
         c0, r0, c1, r1 = view.core
