@@ -374,6 +374,7 @@ def method_catalog(verify: bool = True) -> list[dict[str, Any]]:
         metrics, source = card_metrics(spec)
         entry["test_metrics"] = metrics
         entry["test_metrics_source"] = source
+        entry["test_subset"] = _test_subset(spec) if metrics else None
         out.append(entry)
     return out
 
@@ -408,6 +409,18 @@ def card_metrics(spec: Any) -> tuple[dict[str, Any] | None, str | None]:
         if found:
             return found, card.name
     return None, None
+
+
+def _test_subset(spec: Any) -> str | None:
+    """A ``split`` named at the top of the JSON beside the weights when the metrics cover only part of it."""
+    from nucli.models.registry import WEIGHTS_DIR
+
+    stem = spec.weights_file.split(".")[0] if spec.weights_file else spec.name
+    try:
+        split = json.loads((WEIGHTS_DIR / f"{stem}.json").read_text()).get("split")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return split if isinstance(split, str) and "only" in split else None
 
 
 def _card_path(spec: Any) -> Path | None:

@@ -158,6 +158,13 @@ def test_models_json_lists_every_registered_method():
             assert e["sha256"] == sha256_of(spec.weights_path)
             if spec.weights_sha256:
                 assert e["weights_status"] == "ok (SHA-256 verified)"
+    # metrics measured on part of the test split say so (spatialprior: its H&E images only)
+    by_name = {e["name"]: e for e in entries}
+    if by_name["spatialprior"]["test_metrics"]:
+        assert "brightfield-color only" in by_name["spatialprior"]["test_subset"]
+    assert by_name["watershed"]["test_subset"] is None
+    table = runner.invoke(app, ["models"], env={"COLUMNS": "200"}).stdout
+    assert "brightfield-color only" in table
 
 
 def test_models_reports_a_tampered_weights_file(tmp_path, monkeypatch):

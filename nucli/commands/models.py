@@ -81,8 +81,9 @@ def _print_table(entries: list[dict[str, Any]]) -> None:
     t.add_column("test split, mean over images", overflow="fold")
     for e in entries:
         name = f"{e['name']} *" if e["default"] else e["name"]
+        subset = f" [dim](on {e['test_subset']})[/]" if e.get("test_subset") else ""
         t.add_row(name, _short_status(e["weights_status"]), f"{e['mpp']:g}", f"{e['nucleus_diameter_px']:g}",
-                  _metrics_text(e["test_metrics"]))
+                  _metrics_text(e["test_metrics"]) + subset)
     con = stdout()
     con.print(t)
     con.print("* default method. Weights files, SHA-256 and the model card: [bold]nucli models NAME[/]",
