@@ -43,7 +43,7 @@ def run(
     data: Annotated[Optional[Path], typer.Option("--data", help="Training data: DIR/images/*.png + DIR/labels/*.tif.")] = None,
     method: Method = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation data (same layout), for model selection.")] = None,
-    preset: Annotated[Preset, typer.Option("--preset", help="cpu: narrow, ~1 h on 2 cores; cpu-long (gensegnet): cpu plus a second GAN phase and a longer fine-tune, ~2.5 h; paper: the paper's widths/epochs.")] = Preset.cpu,
+    preset: Annotated[Preset, typer.Option("--preset", help="cpu: narrow, ~1 h on 2 cores; cpu-long (gensegnet): cpu plus a second GAN phase and a longer fine-tune, ~3 h; paper: the paper's widths/epochs.")] = Preset.cpu,
     epochs: Annotated[Optional[float], typer.Option("--epochs", min=0.01, help="Epochs of the first stage (others scale with it).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints in OUTDIR.")] = False,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="gensegnet: also fine-tune the U-Net on generator outputs (kept only if better on val).")] = True,

@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # the shipped cpu schedule, then a second GAN phase at the paper's learning rate (from the first
-# phase's networks) and a fine-tune of 1,500 steps: about 2.5 h on 2 idle cores (see the model card)
+# phase's networks) and a fine-tune of 1,500 steps: about 1.6 h more on 2 cores (see the model card)
 PRESETS["cpu-long"] = {**copy.deepcopy(PRESETS["cpu"]),
                        "finetune": {"lr": 2e-4, "epochs": 21.63},
                        "gan_refine": {"lr": 1e-4, "epochs": 21.63}}
