@@ -281,6 +281,10 @@ def test_cli_train_spatialprior_and_option_errors(tmp_path):
     res = runner.invoke(app, ["train", "--method", "spatialprior", "--images", str(images), "-o",
                               str(tmp_path / "none")])
     assert res.exit_code == 1 and "--prior-masks" in res.output and not (tmp_path / "none").exists()
+    # the gensegnet-only preset: a usage error before anything is created
+    res = runner.invoke(app, ["train", "--method", "spatialprior", "--images", str(images), "--prior-masks",
+                              str(masks), "--preset", "cpu-long", "-o", str(tmp_path / "long")])
+    assert res.exit_code == 1 and "cpu-long" in res.output and not (tmp_path / "long").exists()
     res = runner.invoke(app, ["train", "--method", "spatialprior", "--images", str(tmp_path / "missing"),
                               "--prior-masks", str(masks), "-o", str(tmp_path / "bad")])
     assert res.exit_code == 2 and "not a folder" in res.output and "Traceback" not in res.output

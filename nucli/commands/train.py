@@ -96,6 +96,8 @@ def run(
     if synth is not None and name != "gensegnet":
         raise UsageError(f"--synth style trains the gensegnet segmentation U-Net; '{name}' is not supported "
                          "(write pairs with --method synth and train on them instead)")
+    if preset is Preset.cpu_long and (name != "gensegnet" or synth is not None):
+        raise UsageError(f"--preset cpu-long is for --method gensegnet; '{name}' has cpu and paper")
     for d, what in ((data, "--data"), (val, "--val")):
         if d is not None and not (Path(d) / "images").is_dir():
             raise InputError(f"{what} {d} must hold images/ and labels/ folders (like dsb2018/train)")
