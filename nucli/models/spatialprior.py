@@ -226,7 +226,7 @@ SPEC = register(
         config=CONFIG,
         builder=_build,
         weights_file="spatialprior_cpu.safetensors",
-        weights_sha256="84403f2ade6205e16c2fccb9e238cc6e83f1ab28a74ed327c00cf5b53c73098b",
+        weights_sha256="ad635d133947993a1e6c1f690bc689fb02e4481c6eb415b29fd67e189bb3daa3",
         needs_weights=True,
     )
 )
