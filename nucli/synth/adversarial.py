@@ -201,7 +201,8 @@ def _multi_loop(name: str, step_fn: Callable[[int], dict[str, float]], modules: 
                 resume: bool, samplers: dict[str, Any], decay_start: float = 0.5, ckpt_every: int = 100,
                 log_every: int = 10, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run ``step_fn`` ``steps`` times with checkpoints of all modules/optimizers/samplers and a loss log."""
-    from nucli.training.loop import InterruptGuard, LossLog, linear_decay, load_checkpoint, save_checkpoint
+    from nucli.training.loop import (InterruptGuard, LossLog, RunningMeans, linear_decay, load_checkpoint,
+                                     save_checkpoint)
 
     ckpt = Path(out_dir) / f"{name}.ckpt.safetensors"
     logf = LossLog(Path(out_dir) / f"{name}.log.jsonl")
@@ -214,7 +215,11 @@ def _multi_loop(name: str, step_fn: Callable[[int], dict[str, float]], modules: 
                 s.set_state(meta["samplers"][k])
         log.info("%s: resumed at step %d", name, step)
     t0 = time.time() - elapsed
-    running: dict[str, float] = {}
+    running = RunningMeans(logf, log_every)
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt, modules, optimizers,
+                        {"step": step, "elapsed": elapsed, "samplers": {k: s.state() for k, s in samplers.items()}})
     ckpt_every = max(min(ckpt_every, steps), 1)
     with InterruptGuard() as guard:
         while step < steps:
@@ -225,21 +230,10 @@ def _multi_loop(name: str, step_fn: Callable[[int], dict[str, float]], modules: 
             parts = step_fn(step)
             step += 1
             elapsed = time.time() - t0
-            for k, v in parts.items():
-                running[k] = running.get(k, 0.0) + v
-            if step % log_every == 0 or step == steps:
-                n = log_every if step % log_every == 0 else step % log_every
-                logf.write(stage=name, step=step, elapsed=round(elapsed, 1), **{k: v / n for k, v in running.items()})
-                running = {}
+            running.add(name, step, steps, parts, elapsed=round(elapsed, 1))
             if progress is not None:
                 progress(step, steps)
-            if step % ckpt_every == 0 or step == steps:
-                save_checkpoint(ckpt, modules, optimizers,
-                                {"step": step, "elapsed": elapsed, "samplers": {k: s.state() for k, s in samplers.items()}})
-            if guard.requested:
-                save_checkpoint(ckpt, modules, optimizers, {"step": step, "elapsed": elapsed,
-                                                            "samplers": {k: s.state() for k, s in samplers.items()}})
-                guard.stop()
+            guard.checkpoint_if_due(step, steps, ckpt_every, checkpoint)
     return {"name": name, "steps": step, "wall_s": round(elapsed, 1)}
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from nucli.training.loop import (InterruptGuard, LossLog, linear_decay, load_checkpoint, load_module,
-                                     save_checkpoint, save_module)
+from nucli.training.loop import (InterruptGuard, LossLog, RunningMeans, linear_decay, load_checkpoint,
+                                 load_module, save_checkpoint, save_module)
 
 log = logging.getLogger("nucli.training")
 
@@ -88,7 +88,7 @@ def train_gan(
     gen.train()
     disc.train()
     t0 = time.time() - elapsed
-    running: dict[str, float] = {}
+    running = RunningMeans(logf, cfg.log_every)
     with InterruptGuard() as guard:
         while step < cfg.steps:
             f = linear_decay(step, cfg.steps, cfg.decay_start)
@@ -113,22 +113,12 @@ def train_gan(
             step += 1
             elapsed = time.time() - t0
             parts = {"l1": l1.item(), "adv": adv.item(), "d": d_loss.item()}
-            for k, v in parts.items():
-                running[k] = running.get(k, 0.0) + v
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                logf.write(stage=name, step=step, lr=cfg.lr * f, elapsed=round(elapsed, 1),
-                           **{k: v / n for k, v in running.items()})
-                running = {}
+            running.add(name, step, cfg.steps, parts, lr=cfg.lr * f, elapsed=round(elapsed, 1))
             if progress is not None:
                 progress(step, cfg.steps, parts)
             if val_fn is not None and (step % cfg.val_every == 0 or step == cfg.steps):
                 validate()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                checkpoint()
-            if guard.requested:
-                checkpoint()
-                guard.stop()
+            guard.checkpoint_if_due(step, cfg.steps, cfg.ckpt_every, checkpoint)
     if val_fn is None or not best_path.exists():
         save_module(best_path, gen, {"step": step})
         best_step = step

@@ -65,6 +65,29 @@ class InterruptGuard:
     def stop(self) -> None:
         raise KeyboardInterrupt
 
+    def checkpoint_if_due(self, step: int, total: int, every: int, save: Callable[[], None]) -> None:
+        """After a finished step: ``save()`` every ``every`` steps, at the last one and on a
+        pending Ctrl-C (then stop with ``KeyboardInterrupt``)."""
+        if step % every == 0 or step == total or self.requested:
+            save()
+        if self.requested:
+            self.stop()
+
+
+class RunningMeans:
+    """Per-step loss parts, averaged and written to a :class:`LossLog` every ``every`` steps (and at the last)."""
+
+    def __init__(self, logf: "LossLog", every: int):
+        self.logf, self.every, self.sums = logf, int(every), {}
+
+    def add(self, stage: str, step: int, total: int, parts: dict[str, float], **fields: Any) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        if step % self.every == 0 or step == total:
+            n = self.every if step % self.every == 0 else step % self.every
+            self.logf.write(stage=stage, step=step, **fields, **{k: v / n for k, v in self.sums.items()})
+            self.sums = {}
+
 
 @dataclass
 class LoopConfig:
@@ -248,7 +271,7 @@ def train_supervised(
 
     model.train()
     t0 = time.time() - elapsed
-    running: dict[str, float] = {}
+    running = RunningMeans(logf, cfg.log_every)
     with InterruptGuard() as guard:
         while step < cfg.steps:
             for g in opt.param_groups:
@@ -261,22 +284,12 @@ def train_supervised(
             step += 1
             elapsed = time.time() - t0
             parts = {"loss": loss.item(), **parts}
-            for k, v in parts.items():
-                running[k] = running.get(k, 0.0) + v
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                logf.write(stage=name, step=step, lr=opt.param_groups[0]["lr"], elapsed=round(elapsed, 1),
-                           **{k: v / n for k, v in running.items()})
-                running = {}
+            running.add(name, step, cfg.steps, parts, lr=opt.param_groups[0]["lr"], elapsed=round(elapsed, 1))
             if progress is not None:
                 progress(step, cfg.steps, parts)
             if val_fn is not None and (step % cfg.val_every == 0 or step == cfg.steps):
                 validate()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                checkpoint()
-            if guard.requested:
-                checkpoint()
-                guard.stop()
+            guard.checkpoint_if_due(step, cfg.steps, cfg.ckpt_every, checkpoint)
     if val_fn is None or not best_path.exists():
         save_module(best_path, model, {"step": step})
         best_step = step

@@ -430,8 +430,8 @@ def train_joint(nets: tuple, sampler: UnpairedSampler, cfg: dict[str, Any], out_
     """Train S, R, D_S, D_R jointly for ``cfg['steps']`` steps; keeps the S of lowest system loss."""
     import torch
 
-    from nucli.training.loop import (InterruptGuard, LossLog, linear_decay, load_checkpoint, load_module,
-                                     save_checkpoint, save_module)
+    from nucli.training.loop import (InterruptGuard, LossLog, RunningMeans, linear_decay, load_checkpoint,
+                                     load_module, save_checkpoint, save_module)
 
     S, R, DS, DR = nets
     steps = int(cfg["steps"])
@@ -466,7 +466,7 @@ def train_joint(nets: tuple, sampler: UnpairedSampler, cfg: dict[str, Any], out_
     for m in modules.values():
         m.train()
     t0 = time.time() - elapsed
-    running: dict[str, float] = {}
+    running = RunningMeans(logf, cfg["log_every"])
     r = float(cfg["sharpen"])
     with InterruptGuard() as guard:
         while step < steps:
@@ -511,26 +511,16 @@ def train_joint(nets: tuple, sampler: UnpairedSampler, cfg: dict[str, Any], out_
             parts = {"system": system, "d_s": d_s.item(), "d_r": d_r.item(), "g_adv_s": g_adv_s.item(),
                      "g_adv_r": g_adv_r.item(), "rec": l_rec.item(), "cons": l_cons.item(),
                      "fg": float(s1.detach().mean())}
-            for k, v in parts.items():
-                running[k] = running.get(k, 0.0) + v
             window = (window + [system])[-win:]
             if step >= burn_in and len(window) == win and step % max(win // 5, 1) == 0:
                 score = float(np.mean(window))
                 if best is None or score < best:
                     best, best_step = score, step
                     save_module(best_path, S, {"step": step, "system": score})
-            if step % cfg["log_every"] == 0 or step == steps:
-                n = cfg["log_every"] if step % cfg["log_every"] == 0 else step % cfg["log_every"]
-                logf.write(stage=name, step=step, lr=cfg["lr"] * f, elapsed=round(elapsed, 1),
-                           **{k: v / n for k, v in running.items()})
-                running = {}
+            running.add(name, step, steps, parts, lr=cfg["lr"] * f, elapsed=round(elapsed, 1))
             if progress is not None:
                 progress(step, steps)
-            if step % cfg["ckpt_every"] == 0 or step == steps:
-                checkpoint()
-            if guard.requested:
-                checkpoint()
-                guard.stop()
+            guard.checkpoint_if_due(step, steps, cfg["ckpt_every"], checkpoint)
     if not best_path.exists():
         save_module(best_path, S, {"step": step})
         best_step = step
