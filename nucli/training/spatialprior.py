@@ -299,22 +299,36 @@ class UnpairedSampler:
         a = np.rot90(a, k)
         return np.ascontiguousarray(a[:, ::-1] if flip else a)
 
-    def _image_crop(self) -> np.ndarray:
+    def _image_crop(self, i: int | None = None, mask: np.ndarray | None = None):
+        """A random window of image ``i`` (random when None) at a random scale, resized to the crop size.
+
+        With ``mask`` (the image's own (H, W) mask) the same window of it is returned too
+        (nearest-neighbour resize): ``(patch, mask_patch)``.
+        """
         from PIL import Image
 
         rng, s = self.rng, self.crop
-        img = self.images[int(rng.integers(len(self.images)))]
+        img = self.images[int(rng.integers(len(self.images))) if i is None else i]
         f = self.scale * float(np.exp(rng.uniform(-np.log(self.spread), np.log(self.spread))))
         src = max(int(round(s / f)), 4)
         h, w = img.shape[:2]
         if h < src or w < src:
-            img = np.pad(img, ((0, max(src - h, 0)), (0, max(src - w, 0)), (0, 0)), mode="reflect")
+            py, px = max(src - h, 0), max(src - w, 0)
+            img = np.pad(img, ((0, py), (0, px), (0, 0)), mode="reflect")
+            if mask is not None:
+                mask = np.pad(mask, ((0, py), (0, px)), mode="reflect")
             h, w = img.shape[:2]
         y0, x0 = int(rng.integers(0, h - src + 1)), int(rng.integers(0, w - src + 1))
         patch = img[y0:y0 + src, x0:x0 + src]
         if src != s:
             patch = np.asarray(Image.fromarray(patch).resize((s, s), Image.BILINEAR))
-        return patch.astype(np.float32) / 255.0
+        patch = patch.astype(np.float32) / 255.0
+        if mask is None:
+            return patch
+        m = mask[y0:y0 + src, x0:x0 + src]
+        if src != s:
+            m = np.asarray(Image.fromarray(m).resize((s, s), Image.NEAREST))
+        return patch, m.astype(np.float32)
 
     def _mask_crop(self) -> np.ndarray:
         rng, s = self.rng, self.crop
@@ -355,30 +369,14 @@ class PseudoPairSampler(UnpairedSampler):
         self.pseudo = pseudo
 
     def next(self) -> dict[str, np.ndarray]:
-        from PIL import Image
-
-        rng, s = self.rng, self.crop
+        rng = self.rng
         ts, ms = [], []
         for _ in range(self.batch):
             i = int(rng.integers(len(self.images)))
-            img, msk = self.images[i], self.pseudo[i]
-            f = self.scale * float(np.exp(rng.uniform(-np.log(self.spread), np.log(self.spread))))
-            src = max(int(round(s / f)), 4)
-            h, w = img.shape[:2]
-            if h < src or w < src:
-                py, px = max(src - h, 0), max(src - w, 0)
-                img = np.pad(img, ((0, py), (0, px), (0, 0)), mode="reflect")
-                msk = np.pad(msk, ((0, py), (0, px)), mode="reflect")
-                h, w = img.shape[:2]
-            y0, x0 = int(rng.integers(0, h - src + 1)), int(rng.integers(0, w - src + 1))
-            t = img[y0:y0 + src, x0:x0 + src]
-            m = msk[y0:y0 + src, x0:x0 + src]
-            if src != s:
-                t = np.asarray(Image.fromarray(t).resize((s, s), Image.BILINEAR))
-                m = np.asarray(Image.fromarray(m).resize((s, s), Image.NEAREST))
+            t, m = self._image_crop(i, self.pseudo[i])
             k, flip = int(rng.integers(4)), bool(rng.integers(2))
-            ts.append(self._geom(t.astype(np.float32) / 255.0, k, flip).transpose(2, 0, 1))
-            ms.append(self._geom(m.astype(np.float32), k, flip)[None])
+            ts.append(self._geom(t, k, flip).transpose(2, 0, 1))
+            ms.append(self._geom(m, k, flip)[None])
         return {"t": np.stack(ts).astype(np.float32), "m": np.stack(ms).astype(np.float32)}
 
 
