@@ -41,7 +41,7 @@ def segment_array(
     image: np.ndarray,
     method: str | None = None,
     *,
-    mpp: float | None = None,
+    mpp: float | str | None = None,
     weights: str | Path | None = None,
     tile_size: int | None = None,
     overlap: int | None = None,
@@ -55,7 +55,9 @@ def segment_array(
     a registered method (default: the default method). ``mpp``: the image's
     pixel size in µm/px; when given, the image is resampled to the method's
     working pixel size (and back for the labels) and the table gets µm columns;
-    when not, the image is used at its own resolution.
+    when not, the image is used at its own resolution; ``"auto"``: it is
+    enlarged when the nuclei of a first pass are small for the method
+    (:mod:`nucli.autoscale`).
 
     Returns ``(labels, table)``: ``labels`` int32 (H, W), 0 = background, one id
     per nucleus; ``table`` a dict of equal-length columns (``label``,
@@ -78,26 +80,39 @@ def segment_array(
         raise InputError(f"expected a uint8 image, got {arr.dtype}; scale it to 0-255 first")
     if min(arr.shape[:2]) < 1:
         raise InputError(f"the image is empty (shape {arr.shape})")
+    from nucli.autoscale import AUTO, estimate
+
+    auto = isinstance(mpp, str) and mpp.strip().lower() == AUTO
+    if isinstance(mpp, str) and not auto:
+        raise UsageError(f"mpp must be a positive number of µm per pixel or 'auto', got '{mpp}'")
+    if auto:
+        mpp = None
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
         raise UsageError(f"mpp must be a positive number of µm per pixel, got {mpp}")
     rgb = np.ascontiguousarray(as_rgb(arr))
     m = build_method(method, weights=Path(weights) if weights is not None else None, device=device)
     cfg = m.config
     h0, w0 = rgb.shape[:2]
-    d = _downsample(mpp, cfg.mpp)
-    work = rgb if d == 1.0 else _resize_rgb(rgb, d)
     tile = int(tile_size or cfg.tile_size)
     ov = int(cfg.overlap if overlap is None else overlap)
 
-    with tempfile.TemporaryDirectory(prefix="nucli-") as tmp:
-        store = store_from_array(Path(tmp) / "run.zarr", work, tile_size=tile, overlap=ov, downsample=d,
-                                 source_mpp=mpp, level0_size=(w0, h0), fingerprint="array")
-        segment_store(store, m, batch_size=batch_size, progress=progress)
-        labels_w = np.zeros(work.shape[:2], np.int32)
-        rows = _TableSink()
-        stitch_store(store, [LabelImageSink(array=labels_w), rows], progress=progress)
-    labels = labels_w if d == 1.0 else _resize_labels(labels_w, (h0, w0))
-    return labels, rows.table()
+    def run(d: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        work = rgb if d == 1.0 else _resize_rgb(rgb, d)
+        with tempfile.TemporaryDirectory(prefix="nucli-") as tmp:
+            store = store_from_array(Path(tmp) / "run.zarr", work, tile_size=tile, overlap=ov, downsample=d,
+                                     source_mpp=mpp, level0_size=(w0, h0), fingerprint="array")
+            segment_store(store, m, batch_size=batch_size, progress=progress)
+            labels_w = np.zeros(work.shape[:2], np.int32)
+            rows = _TableSink()
+            stitch_store(store, [LabelImageSink(array=labels_w), rows], progress=progress)
+        return (labels_w if d == 1.0 else _resize_labels(labels_w, (h0, w0))), rows.table()
+
+    labels, table = run(_downsample(mpp, cfg.mpp))
+    if auto:
+        est = estimate([labels], cfg.nucleus_diameter_px)
+        if est.zoom != 1.0:
+            labels, table = run(1.0 / est.zoom)
+    return labels, table
 
 
 def _downsample(mpp: float | None, working_mpp: float | None) -> float:

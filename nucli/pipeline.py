@@ -368,7 +368,7 @@ def _tile_source(source, store_path, *, method: Method, mpp, mpp_target, tile_si
     # default and, for a slide without a pixel size, works at native resolution.
     kwargs = dict(mpp=mpp, mpp_target=mpp_target, method=method.name,
                   tile_size=tile_size or cfg.tile_size, overlap=cfg.overlap if overlap is None else overlap,
-                  tissue_mask=tissue_mask, progress=progress)
+                  tissue_mask=tissue_mask, progress=progress, scale_method=method)
     try:
         return tile_slide(source, store_path, overwrite=False, **kwargs)
     except StoreError:

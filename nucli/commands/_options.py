@@ -18,9 +18,18 @@ Weights = Annotated[
     Optional[Path],
     typer.Option("--weights", help="Weights file (.safetensors) instead of the shipped ones."),
 ]
-Mpp = Annotated[
+MppNumber = Annotated[
     Optional[float],
     typer.Option("--mpp", help="Pixel size of the input in µm/px (overrides the slide's metadata)."),
+]
+Mpp = Annotated[
+    Optional[str],
+    typer.Option(
+        "--mpp",
+        help="Pixel size of the input in µm/px (overrides the slide's metadata), or 'auto': the metadata's, "
+        "and for an image without one, enlarge it when the nuclei in a few probe tiles are small for the method.",
+        show_default=False,
+    ),
 ]
 MppTarget = Annotated[
     Optional[float],

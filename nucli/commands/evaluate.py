@@ -49,6 +49,11 @@ def run(
         Optional[Path],
         typer.Option("--save-predictions", help="--dataset: also write each prediction to DIR/<id>.tif."),
     ] = None,
+    mpp: Annotated[
+        Optional[str],
+        typer.Option("--mpp", help="--dataset: 'auto' enlarges each image whose nuclei are small for the method "
+                     "(judged from a first pass; see `nucli segment --help`)."),
+    ] = None,
     per_image: Annotated[bool, typer.Option("--per-image", help="Show a row per image in the table.")] = False,
     output: Annotated[
         Optional[Path], typer.Option("-o", "--output", help="Write the full report (per image + aggregates) as JSON.")
@@ -79,9 +84,13 @@ def run(
       Run HARU-Net over a data set (images/ + labels/) and score it:
       nucli evaluate --dataset dsb2018/test --method harunet
 
+      The default method, enlarging images of small nuclei first:
+      nucli evaluate --dataset dsb2018/test --mpp auto
+
       A quick check on the first 10 images:
       nucli evaluate --dataset dsb2018/test --method watershed --limit 10
     """
+    from nucli.autoscale import parse_mpp
     from nucli.evaluation import evaluate_dataset, evaluate_paths
     from nucli.evaluation.labels_io import write_text_atomic
 
@@ -92,7 +101,7 @@ def run(
             raise UsageError("give PRED and GT (files or folders), or --dataset DIR --method NAME")
         dataset_only = {
             "--method": method, "--weights": weights, "--limit": limit,
-            "--modality": modality, "--save-predictions": save_predictions,
+            "--modality": modality, "--save-predictions": save_predictions, "--mpp": mpp,
         }
         used = [name for name, value in dataset_only.items() if value is not None]
         if used:
@@ -116,6 +125,7 @@ def run(
                 overwrite=overwrite,
                 allow_missing=allow_missing,
                 on_image=progress.update,
+                mpp=parse_mpp(mpp),
             )
         else:
             report = evaluate_paths(pred, gt, allow_missing=allow_missing, on_image=progress.update)

@@ -29,7 +29,7 @@ def run(
     slide: SlideArg,
     method: opt.Method = None,
     weights: opt.Weights = None,
-    mpp: opt.Mpp = None,
+    mpp: opt.MppNumber = None,
     mpp_target: opt.MppTarget = None,
     tile_size: TileSize = None,
     overlap: opt.Overlap = None,

@@ -73,13 +73,14 @@ def run(
     """
     from nucli.commands._common import print_summary
     from nucli.parallel import make_runner
+    from nucli.autoscale import parse_mpp
     from nucli.pipeline import segment_to_outputs
 
     with make_runner(workers=workers, threads=threads, scheduler=scheduler, cluster=cluster,
                      cluster_config=cluster_config) as runner:
         summary = segment_to_outputs(
             source, output, method=method, store=store, formats=list(formats or []), overlay=overlay,
-            weights=weights, batch_size=batch_size, mpp=mpp, mpp_target=mpp_target, tile_size=tile_size,
+            weights=weights, batch_size=batch_size, mpp=parse_mpp(mpp), mpp_target=mpp_target, tile_size=tile_size,
             overlap=overlap, tissue_mask=tissue_mask, overwrite=overwrite, progress=not (quiet or json_summary),
             runner=runner, shard=shard,
         )

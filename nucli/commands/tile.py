@@ -51,10 +51,11 @@ def run(
       Larger tiles; the overlap must exceed the largest nucleus:
       nucli tile slide.svs -o slide.zarr --tile-size 1024 --overlap 160
     """
+    from nucli.autoscale import parse_mpp
     from nucli.tiling.tiler import run_tiling
 
     report = run_tiling(
-        slide, output, mpp=mpp, mpp_target=mpp_target, method=method, tile_size=tile_size, overlap=overlap,
+        slide, output, mpp=parse_mpp(mpp), mpp_target=mpp_target, method=method, tile_size=tile_size, overlap=overlap,
         tissue_mask=tissue_mask, overwrite=overwrite, progress=not (quiet or json_summary),
     )
     print_summary(report.summary(), as_json=json_summary, quiet=quiet, title="nucli tile")

@@ -250,14 +250,21 @@ def evaluate_dataset(
     overwrite: bool = False,
     allow_missing: bool = False,
     on_image: OnImage | None = None,
+    mpp: str | None = None,
 ) -> EvalReport:
     """Run a method over ``DIR/images`` and score it against ``DIR/labels``.
 
     Each image is segmented whole (no tiling), as RGB uint8. Run time is the
     method's own time per image (reading and scoring excluded); the first
-    image includes any one-off warm-up.
+    image includes any one-off warm-up. ``mpp="auto"``: each image is enlarged
+    as far as its own nuclei call for (:mod:`nucli.autoscale`); the time then
+    includes the first pass.
     """
+    from nucli.autoscale import AUTO, segment_image_auto
     from nucli.models.registry import build_method
+
+    if mpp not in (None, AUTO):
+        raise UsageError(f"--mpp with --dataset takes only 'auto' (data set images have no pixel size), got {mpp}")
 
     items, skipped = dataset_items(dataset, limit=limit, modality=modality, allow_missing=allow_missing)
     if save_predictions is not None:
@@ -272,6 +279,7 @@ def evaluate_dataset(
             )
     method = build_method(method_name, weights=weights)
     rows = []
+    zooms: list[float] = []
     for i, item in enumerate(items):
         image = read_rgb(item.image)
         true = read_raster(item.labels)
@@ -281,7 +289,11 @@ def evaluate_dataset(
                 f"({image.shape[1]}x{image.shape[0]})"
             )
         t0 = time.perf_counter()
-        pred = np.asarray(method.segment(image[None])[0].labels)
+        if mpp == AUTO:
+            pred, est = segment_image_auto(method, image)
+            zooms.append(est.zoom)
+        else:
+            pred = np.asarray(method.segment(image[None])[0].labels)
         seconds = time.perf_counter() - t0
         if pred.shape != true.shape:
             raise ProcessingError(
@@ -303,4 +315,8 @@ def evaluate_dataset(
         "modality": modality,
         "method_config": method.config.to_dict(),
     }
+    if mpp == AUTO:
+        info["mpp"] = AUTO
+        info["auto_zoom"] = {"images_enlarged": int(sum(z > 1 for z in zooms)),
+                             "zooms": {str(z): zooms.count(z) for z in sorted(set(zooms))}}
     return EvalReport(rows, info, skipped)

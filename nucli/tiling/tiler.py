@@ -17,6 +17,7 @@ Order of work, so that a bad input leaves nothing behind:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -85,6 +86,7 @@ def tile_slide(
     overwrite: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    scale_method: Any = None,
 ) -> RunStore:
     """Tile ``source`` into the run store ``out`` and return it (see module docstring).
 
@@ -93,7 +95,7 @@ def tile_slide(
     """
     return run_tiling(source, out, mpp=mpp, mpp_target=mpp_target, method=method, tile_size=tile_size,
                       overlap=overlap, tissue_mask=tissue_mask, overwrite=overwrite, progress=progress,
-                      workers=workers).store
+                      workers=workers, scale_method=scale_method).store
 
 
 def run_tiling(
@@ -109,8 +111,16 @@ def run_tiling(
     overwrite: bool = False,
     progress: bool = True,
     workers: int | None = None,
+    scale_method: Any = None,
 ) -> TileReport:
-    """:func:`tile_slide` returning a :class:`TileReport`."""
+    """:func:`tile_slide` returning a :class:`TileReport`.
+
+    ``mpp="auto"``: the slide's own pixel size when its metadata has one; otherwise
+    a few tissue tiles are segmented at native resolution (with ``scale_method``, a
+    built method, or ``method``'s shipped weights) and the slide is enlarged as far
+    as the size of those nuclei calls for (:mod:`nucli.autoscale`).
+    """
+    from nucli.autoscale import AUTO
     from nucli import __version__
     from nucli.slide import open_slide
     from nucli.tiling import tissue as tissue_mod
@@ -118,7 +128,11 @@ def run_tiling(
     t0 = time.perf_counter()
     source = Path(source).expanduser()
     out = Path(out).expanduser()
-    method_name, defaults = _method_defaults(method, need=mpp_target is None or tile_size is None or overlap is None)
+    auto = mpp == AUTO
+    if auto and mpp_target is not None:
+        raise UsageError("--mpp auto and --mpp-target do not go together (auto has no pixel size to aim from)")
+    method_name, defaults = _method_defaults(
+        method, need=auto or mpp_target is None or tile_size is None or overlap is None)
     tile_size = int(tile_size if tile_size is not None else defaults.get("tile_size", 512))
     overlap = int(overlap if overlap is not None else defaults.get("overlap", 64))
     if tile_size < 16:
@@ -126,8 +140,15 @@ def run_tiling(
     if not 0 <= overlap < tile_size:
         raise UsageError(f"--overlap must be in [0, tile size {tile_size}), got {overlap}")
 
-    with open_slide(source, mpp=mpp) as slide:
-        if slide.mpp is None:
+    with open_slide(source, mpp=None if auto else mpp) as slide:
+        scale = None
+        if auto and slide.mpp is None:
+            scale = _probe_scale(slide, scale_method, method_name, tile_size, tissue_mask)
+            log.info("%s has no pixel size; median nucleus %s px in %d probe nuclei -> enlarged %.2fx",
+                     source, "?" if scale.median_diameter_px is None else f"{scale.median_diameter_px:.1f}",
+                     scale.n_nuclei, scale.zoom)
+            target = None
+        elif slide.mpp is None:
             if mpp_target is not None:
                 raise InputError(f"{source} has no pixel size in its metadata; pass --mpp")
             log.warning("%s has no pixel size in its metadata; tiling at native resolution "
@@ -136,11 +157,12 @@ def run_tiling(
         else:
             target = float(mpp_target) if mpp_target is not None else defaults.get("mpp")
         working_mpp = slide.resolve_working_mpp(target)
-        ds = slide.downsample_for(working_mpp)
-        if ds < 1.0:
+        ds = slide.downsample_for(working_mpp) if scale is None else 1.0 / scale.zoom
+        if ds < 1.0 and scale is None:
             log.warning("%s (%.4g µm/px) is coarser than the working pixel size %.4g µm/px; "
                         "tiles are upsampled %.2fx", source, slide.mpp, working_mpp, 1.0 / ds)
-        wsize = slide.working_size(working_mpp)
+        wsize = slide.working_size(working_mpp) if scale is None else tuple(
+            max(1, int(math.floor(v / ds + 1e-6))) for v in slide.dimensions)
         grid = TileGrid(wsize[0], wsize[1], tile_size, overlap)
         settings = {
             "fingerprint": slide.fingerprint,
@@ -188,7 +210,9 @@ def run_tiling(
                 },
                 "level0_size": [int(v) for v in slide.dimensions],
                 "source_mpp": slide.mpp,
-                "source_mpp_from": "--mpp" if mpp is not None else ("metadata" if slide.mpp else None),
+                "source_mpp_from": ("metadata" if slide.mpp else "auto") if auto else (
+                    "--mpp" if mpp is not None else ("metadata" if slide.mpp else None)),
+                "auto_scale": scale.to_dict() if scale is not None else None,
                 "mpp_target": target,
                 "working_mpp": working_mpp,
                 "downsample": ds,
@@ -225,6 +249,34 @@ def run_tiling(
         source_mpp=m.get("source_mpp"), working_mpp=m.get("working_mpp"), downsample=float(m["downsample"]),
         seconds=time.perf_counter() - t0,
     )
+
+
+PROBE_TILES = 4
+
+
+def _probe_scale(slide: Any, scale_method: Any, method_name: str | None, tile_size: int, tissue_mask: bool):
+    """Segment up to :data:`PROBE_TILES` tissue tiles at native resolution -> :class:`ScaleEstimate`."""
+    from nucli.autoscale import estimate
+    from nucli.tiling import tissue as tissue_mod
+
+    if scale_method is None:
+        from nucli.models.registry import build_method
+
+        scale_method = build_method(method_name)
+    w0, h0 = (int(v) for v in slide.dimensions)
+    grid = TileGrid(w0, h0, tile_size, 0)
+    tiles = grid.all_tiles()
+    if tissue_mask:
+        mask, mask_ds = tissue_mod.tissue_mask(slide)
+        tiles = tissue_mod.tiles_with_tissue(grid, mask, mask_ds, 1.0) or tiles
+    picks = sorted(set(np.linspace(0, len(tiles) - 1, min(PROBE_TILES, len(tiles))).round().astype(int).tolist()))
+    labels = []
+    for k in picks:
+        r, c = tiles[k]
+        x, y = grid.origin(r, c)
+        w, h = grid.extent(r, c)
+        labels.append(np.asarray(scale_method.segment(slide.read_scaled(x, y, w, h, 1.0)[None])[0].labels))
+    return estimate(labels, scale_method.config.nucleus_diameter_px)
 
 
 # ---------------------------------------------------------------------- settings

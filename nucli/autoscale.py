@@ -1,0 +1,137 @@
+"""Scale from the nuclei themselves, for images without a pixel size (``--mpp auto``).
+
+Plain PNG/TIFF/JPEG microscopy images often carry no pixel size, and nuclei in
+them range from a few pixels to 60 px across. The networks were trained at the
+native resolution of DSB2018 (median nucleus 19 px) and separate small,
+touching nuclei poorly: the 4-px edge band leaves an 8-px nucleus almost no
+body. ``auto`` therefore segments the image (or a few tiles of a slide) once at
+its own resolution, takes the median equivalent diameter of the nuclei found,
+and enlarges the image when that median is below ``AUTO_RATIO`` times the
+method's typical nucleus diameter (``nucleus_diameter_px``). The zoom is the
+ratio, snapped to the nearest of :data:`LADDER` on a log scale. It never shrinks
+an image: on DSB2018 val, shrinking images of large nuclei lost more than it won.
+
+``AUTO_RATIO`` was chosen on ``dsb2018/val`` only (GeNSeg-Net, shipped CPU
+weights); ``benchmarks/autoscale_rule.py`` reruns that choice. The same rule is
+used for every method.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger("nucli.autoscale")
+
+AUTO = "auto"
+#: zoom factors the rule may pick (working px per input px)
+LADDER = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+#: enlarge until the median nucleus is about AUTO_RATIO * nucleus_diameter_px across
+AUTO_RATIO = 1.25
+#: fewer nuclei than this in the first pass: keep the image as it is
+MIN_NUCLEI = 5
+
+
+@dataclass(frozen=True)
+class ScaleEstimate:
+    """The outcome of the first pass: the zoom to use, and what it was based on."""
+
+    zoom: float
+    median_diameter_px: float | None
+    n_nuclei: int
+    reference_px: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "zoom": self.zoom,
+            "median_diameter_px": None if self.median_diameter_px is None else round(self.median_diameter_px, 2),
+            "n_nuclei": self.n_nuclei,
+            "reference_px": round(self.reference_px, 2),
+        }
+
+
+def diameters(labels: np.ndarray) -> np.ndarray:
+    """Equivalent diameters (px) of the instances of a label image."""
+    areas = np.bincount(np.asarray(labels).ravel())[1:]
+    areas = areas[areas > 0]
+    return np.sqrt(4.0 * areas / math.pi)
+
+
+def zoom_for(median_diameter: float | None, n_nuclei: int, reference_px: float) -> float:
+    """The rule: zoom = reference / median diameter, at least 1, snapped to :data:`LADDER`."""
+    if median_diameter is None or n_nuclei < MIN_NUCLEI or median_diameter <= 0:
+        return 1.0
+    want = max(1.0, reference_px / median_diameter)
+    return min(LADDER, key=lambda z: abs(math.log(z) - math.log(want)))
+
+
+def estimate(label_images: Iterable[np.ndarray], nucleus_diameter_px: float) -> ScaleEstimate:
+    """Zoom from first-pass label images (at the input's own resolution)."""
+    d = [diameters(lab) for lab in label_images]
+    all_d = np.concatenate(d) if d else np.zeros(0)
+    med = float(np.median(all_d)) if all_d.size else None
+    ref = AUTO_RATIO * float(nucleus_diameter_px)
+    return ScaleEstimate(zoom_for(med, int(all_d.size), ref), med, int(all_d.size), ref)
+
+
+def resize_rgb(rgb: np.ndarray, zoom: float) -> np.ndarray:
+    """(H, W, 3) uint8 enlarged ``zoom`` times (bilinear)."""
+    from skimage.transform import resize
+
+    h, w = rgb.shape[:2]
+    out = resize(rgb, (max(1, round(h * zoom)), max(1, round(w * zoom))), order=1, anti_aliasing=False,
+                 preserve_range=True)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def shrink_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour: input pixel (y, x) takes working pixel floor((y + 0.5) * h / H)."""
+    h, w = labels.shape
+    ys = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
+    xs = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
+    out = labels[ys[:, None], xs[None, :]]
+    # a nucleus can vanish when shrunk; renumber so ids stay 1..n
+    ids = np.unique(out)
+    ids = ids[ids > 0]
+    if ids.size and ids[-1] != ids.size:
+        lut = np.zeros(int(out.max()) + 1, np.int32)
+        lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+        out = lut[out]
+    return out.astype(np.int32, copy=False)
+
+
+def segment_image_auto(method: Any, rgb: np.ndarray) -> tuple[np.ndarray, ScaleEstimate]:
+    """Segment one whole (H, W, 3) image at the zoom its own nuclei call for.
+
+    The first pass at the image's own resolution is kept when the rule says 1.
+    """
+    first = np.asarray(method.segment(rgb[None])[0].labels)
+    est = estimate([first], method.config.nucleus_diameter_px)
+    if est.zoom == 1.0:
+        return first, est
+    big = resize_rgb(rgb, est.zoom)
+    labels = np.asarray(method.segment(big[None])[0].labels)
+    log.debug("auto scale: median nucleus %.1f px -> zoom %.2f", est.median_diameter_px or 0.0, est.zoom)
+    return shrink_labels(labels, rgb.shape[:2]), est
+
+
+def parse_mpp(value: Any) -> float | str | None:
+    """``--mpp``: a positive number of µm per px, or ``auto``."""
+    from nucli.errors import UsageError
+
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return AUTO
+    try:
+        number = float(text)
+    except ValueError:
+        raise UsageError(f"--mpp must be a pixel size in µm/px or 'auto', got '{value}'") from None
+    if not (math.isfinite(number) and number > 0):
+        raise UsageError(f"--mpp must be a positive number of µm per pixel, got {value}")
+    return number
