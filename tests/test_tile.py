@@ -412,3 +412,24 @@ def test_fluorescence_16bit_image_keeps_tiles_around_the_nuclei(tmp_path):
     i = next(i for i, rc in enumerate(store.indices()) if tuple(rc) == (0, 0))
     tile = store.read_tile(i)
     assert tuple(tile[200, 200]) == (255, 255, 255) and tuple(tile[100, 100]) == (0, 0, 0)
+
+
+def test_tile_refuses_a_store_another_writer_holds(tmp_path):
+    """`nucli tile` takes the store's lock: a segment run or --shard processes on it are not disturbed."""
+    from nucli.errors import StoreError
+    from nucli.parallel import Shard, StoreLock
+    import skimage.io
+
+    skimage.io.imsave(tmp_path / "img.png", np.full((200, 200, 3), 128, np.uint8), check_contrast=False)
+    out = tmp_path / "run.zarr"
+    kwargs = dict(mpp=0.5, tile_size=128, overlap=16, tissue_mask=False, progress=False)
+    with StoreLock(out):
+        with pytest.raises(StoreError, match="being written by another nucli process"):
+            tile_slide(tmp_path / "img.png", out, **kwargs)
+    assert not out.exists()
+    tile_slide(tmp_path / "img.png", out, **kwargs)
+    with StoreLock(out, Shard.parse("0/2")):
+        with pytest.raises(StoreError, match="--shard processes"):
+            tile_slide(tmp_path / "img.png", out, **kwargs)
+    store = tile_slide(tmp_path / "img.png", out, **kwargs)  # free again: resumes (nothing to do)
+    assert store.n_tiles > 0

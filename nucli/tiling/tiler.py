@@ -16,6 +16,7 @@ Order of work, so that a bad input leaves nothing behind:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -140,7 +141,7 @@ def run_tiling(
     if not 0 <= overlap < tile_size:
         raise UsageError(f"--overlap must be in [0, tile size {tile_size}), got {overlap}")
 
-    with open_slide(source, mpp=None if auto else mpp) as slide:
+    with open_slide(source, mpp=None if auto else mpp) as slide, contextlib.ExitStack() as lock_stack:
         scale = None
         if auto and slide.mpp is None:
             scale = _probe_scale(slide, scale_method, method_name, tile_size, tissue_mask)
@@ -175,6 +176,12 @@ def run_tiling(
             "tissue_mask": bool(tissue_mask),
         }
 
+        # a second writer (another `nucli tile`, a segment run, --shard processes) is refused;
+        # with no folder yet nobody can be writing there, and the store appears by rename
+        if out.parent.is_dir():
+            from nucli.parallel.locks import StoreLock
+
+            lock_stack.enter_context(StoreLock(out))
         existing = _inspect_output(out, settings, overwrite)
         if existing is not None:
             store = existing
