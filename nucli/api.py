@@ -80,7 +80,7 @@ def segment_array(
         raise InputError(f"expected a uint8 image, got {arr.dtype}; scale it to 0-255 first")
     if min(arr.shape[:2]) < 1:
         raise InputError(f"the image is empty (shape {arr.shape})")
-    from nucli.autoscale import AUTO, estimate
+    from nucli.autoscale import AUTO, estimate_for
 
     auto = isinstance(mpp, str) and mpp.strip().lower() == AUTO
     if isinstance(mpp, str) and not auto:
@@ -109,8 +109,8 @@ def segment_array(
 
     labels, table = run(_downsample(mpp, cfg.mpp))
     if auto:
-        est = estimate([labels], cfg.nucleus_diameter_px)
-        if est.zoom != 1.0:
+        est = estimate_for(cfg, [labels])
+        if est is not None and est.zoom != 1.0:
             labels, table = run(1.0 / est.zoom)
     return labels, table
 

@@ -6,14 +6,15 @@ native resolution of DSB2018 (median nucleus 19 px) and separate small,
 touching nuclei poorly: the 4-px edge band leaves an 8-px nucleus almost no
 body. ``auto`` therefore segments the image (or a few tiles of a slide) once at
 its own resolution, takes the median equivalent diameter of the nuclei found,
-and enlarges the image when that median is below ``AUTO_RATIO`` times the
-method's typical nucleus diameter (``nucleus_diameter_px``). The zoom is the
-ratio, snapped to the nearest of :data:`LADDER` on a log scale. It never shrinks
-an image: on DSB2018 val, shrinking images of large nuclei lost more than it won.
+and enlarges the image when that median is below a ratio times the method's
+typical nucleus diameter (``nucleus_diameter_px``). The zoom is the ratio,
+snapped to the nearest of :data:`LADDER` on a log scale. It never shrinks an
+image: on DSB2018 val, shrinking images of large nuclei lost more than it won.
 
-``AUTO_RATIO`` was chosen on ``dsb2018/val`` only (GeNSeg-Net, shipped CPU
-weights); ``benchmarks/autoscale_rule.py`` reruns that choice. The same rule is
-used for every method.
+The ratio is the method's own, chosen on ``dsb2018/val`` only with its shipped
+weights (``benchmarks/autoscale_rule.py`` reruns the choice). A method without
+one in :data:`AUTO_RATIOS` is never enlarged: ``auto`` then keeps the native
+resolution (for HARU-Net every ratio tried lowered val AJI).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ log = logging.getLogger("nucli.autoscale")
 AUTO = "auto"
 #: zoom factors the rule may pick (working px per input px)
 LADDER = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
-#: enlarge until the median nucleus is about AUTO_RATIO * nucleus_diameter_px across
-AUTO_RATIO = 1.25
+#: per method: enlarge until the median nucleus is about ratio * nucleus_diameter_px across
+AUTO_RATIOS: dict[str, float] = {"gensegnet": 1.6}
 #: fewer nuclei than this in the first pass: keep the image as it is
 MIN_NUCLEI = 5
 
@@ -69,13 +70,24 @@ def zoom_for(median_diameter: float | None, n_nuclei: int, reference_px: float) 
     return min(LADDER, key=lambda z: abs(math.log(z) - math.log(want)))
 
 
-def estimate(label_images: Iterable[np.ndarray], nucleus_diameter_px: float) -> ScaleEstimate:
+def ratio_for(config: Any) -> float | None:
+    """The method's auto-zoom ratio, or None (never enlarged)."""
+    return AUTO_RATIOS.get(getattr(config, "name", ""))
+
+
+def estimate(label_images: Iterable[np.ndarray], nucleus_diameter_px: float, ratio: float) -> ScaleEstimate:
     """Zoom from first-pass label images (at the input's own resolution)."""
     d = [diameters(lab) for lab in label_images]
     all_d = np.concatenate(d) if d else np.zeros(0)
     med = float(np.median(all_d)) if all_d.size else None
-    ref = AUTO_RATIO * float(nucleus_diameter_px)
+    ref = float(ratio) * float(nucleus_diameter_px)
     return ScaleEstimate(zoom_for(med, int(all_d.size), ref), med, int(all_d.size), ref)
+
+
+def estimate_for(config: Any, label_images: Iterable[np.ndarray]) -> ScaleEstimate | None:
+    """:func:`estimate` with the method's own ratio; None for a method without one."""
+    ratio = ratio_for(config)
+    return None if ratio is None else estimate(label_images, config.nucleus_diameter_px, ratio)
 
 
 def resize_rgb(rgb: np.ndarray, zoom: float) -> np.ndarray:
@@ -104,14 +116,15 @@ def shrink_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return out.astype(np.int32, copy=False)
 
 
-def segment_image_auto(method: Any, rgb: np.ndarray) -> tuple[np.ndarray, ScaleEstimate]:
+def segment_image_auto(method: Any, rgb: np.ndarray) -> tuple[np.ndarray, ScaleEstimate | None]:
     """Segment one whole (H, W, 3) image at the zoom its own nuclei call for.
 
-    The first pass at the image's own resolution is kept when the rule says 1.
+    The first pass at the image's own resolution is kept when the rule says 1
+    (or the method has no rule: the estimate is then None).
     """
     first = np.asarray(method.segment(rgb[None])[0].labels)
-    est = estimate([first], method.config.nucleus_diameter_px)
-    if est.zoom == 1.0:
+    est = estimate_for(method.config, [first])
+    if est is None or est.zoom == 1.0:
         return first, est
     big = resize_rgb(rgb, est.zoom)
     labels = np.asarray(method.segment(big[None])[0].labels)

@@ -9,11 +9,20 @@ import pytest
 import skimage.io
 from typer.testing import CliRunner
 
-from nucli.autoscale import (AUTO_RATIO, LADDER, MIN_NUCLEI, diameters, estimate, parse_mpp, segment_image_auto,
-                             shrink_labels, zoom_for)
+from nucli import autoscale
+from nucli.autoscale import (LADDER, MIN_NUCLEI, diameters, estimate, parse_mpp, segment_image_auto, shrink_labels,
+                             zoom_for)
 from nucli.cli import app
 from nucli.errors import UsageError
 from nucli.synthetic import ellipse_image
+
+
+@pytest.fixture
+def ratios(monkeypatch):
+    """Auto-zoom rules for the test methods (the shipped ones are chosen on DSB2018 val per method)."""
+    table = {"watershed": 1.25, "rec": 1.25}
+    monkeypatch.setattr(autoscale, "AUTO_RATIOS", table)
+    return table
 
 
 def discs(shape, radius, step):
@@ -40,9 +49,9 @@ def test_estimate_uses_median_equivalent_diameter():
         lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = i
     d = diameters(lab)
     assert d.size == 5 and np.allclose(d, np.sqrt(4 * (lab == 1).sum() / np.pi))
-    est = estimate([lab], nucleus_diameter_px=16.0)
-    assert est.n_nuclei == 5 and est.reference_px == pytest.approx(AUTO_RATIO * 16.0)
-    assert est.zoom == zoom_for(est.median_diameter_px, 5, AUTO_RATIO * 16.0) > 1.0
+    est = estimate([lab], nucleus_diameter_px=16.0, ratio=1.25)
+    assert est.n_nuclei == 5 and est.reference_px == pytest.approx(20.0)
+    assert est.zoom == zoom_for(est.median_diameter_px, 5, 20.0) > 1.0
     assert est.to_dict()["zoom"] == est.zoom
 
 
@@ -82,7 +91,7 @@ class _Recorder:
         return [TileResult(labels=label(t[..., 0] < 150).astype(np.int32)) for t in tiles]
 
 
-def test_segment_image_auto_enlarges_small_nuclei_only():
+def test_segment_image_auto_enlarges_small_nuclei_only(ratios):
     small = discs((96, 96), radius=4, step=16)  # ~8 px nuclei, a 16 px method: enlarged about 2.5x
     m = _Recorder()
     labels, est = segment_image_auto(m, small)
@@ -93,9 +102,13 @@ def test_segment_image_auto_enlarges_small_nuclei_only():
     m = _Recorder()
     labels, est = segment_image_auto(m, big)
     assert est.zoom == 1.0 and m.shapes == [(96, 96)] and labels.max() == 9
+    del ratios["rec"]  # a method without a rule: the first pass, nothing enlarged
+    m = _Recorder()
+    labels, est = segment_image_auto(m, small)
+    assert est is None and m.shapes == [(96, 96)] and labels.max() == 36
 
 
-def test_segment_array_auto(monkeypatch):
+def test_segment_array_auto(monkeypatch, ratios):
     import nucli.api as api
 
     img = discs((128, 128), radius=4, step=16)
@@ -112,7 +125,7 @@ def test_segment_array_auto(monkeypatch):
         api.segment_array(img, "watershed", mpp="big")
 
 
-def test_evaluate_dataset_auto(tmp_path):
+def test_evaluate_dataset_auto(tmp_path, ratios):
     import imageio.v3 as iio
     import tifffile
 
@@ -131,6 +144,7 @@ def test_evaluate_dataset_auto(tmp_path):
     assert plain.exit_code == 0 and auto.exit_code == 0, auto.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["mpp"] == "auto" and report["auto_zoom"]["images_enlarged"] == 1
+    assert report["auto_zoom"]["ratio"] == 1.25
     assert report["aggregate"]["mean_over_images"]["aji"] > 0.8
     bad = runner.invoke(app, ["evaluate", "--dataset", str(split), "--method", "watershed", "--mpp", "0.5"])
     assert bad.exit_code == 1 and "auto" in bad.output and "Traceback" not in bad.output
@@ -138,7 +152,7 @@ def test_evaluate_dataset_auto(tmp_path):
     assert bad.exit_code == 1 and "--dataset" in bad.output
 
 
-def test_tile_auto_enlarges_an_image_without_pixel_size(tmp_path):
+def test_tile_auto_enlarges_an_image_without_pixel_size(tmp_path, ratios):
     from nucli.tiling.store import RunStore
     from nucli.tiling.tiler import tile_slide
 
@@ -160,6 +174,10 @@ def test_tile_auto_enlarges_an_image_without_pixel_size(tmp_path):
     store = tile_slide(tmp_path / "img.png", tmp_path / "b.zarr", mpp=0.25, method="watershed",
                        tissue_mask=False, progress=False)
     assert store.meta["auto_scale"] is None
+    del ratios["watershed"]  # a method without a rule: native resolution, nothing probed
+    store = tile_slide(tmp_path / "img.png", tmp_path / "d.zarr", mpp="auto", method="watershed",
+                       tissue_mask=False, progress=False)
+    assert store.meta["auto_scale"] is None and store.meta["downsample"] == 1.0
     bad = CliRunner().invoke(app, ["tile", str(tmp_path / "img.png"), "-o", str(tmp_path / "c.zarr"),
                                    "--mpp", "auto", "--mpp-target", "0.5"])
     assert bad.exit_code == 1 and "auto" in bad.output
@@ -167,7 +185,7 @@ def test_tile_auto_enlarges_an_image_without_pixel_size(tmp_path):
     assert bad.exit_code == 1 and "--mpp" in bad.output
 
 
-def test_segment_auto_end_to_end(tmp_path):
+def test_segment_auto_end_to_end(tmp_path, ratios):
     img = discs((256, 256), radius=4, step=16)
     skimage.io.imsave(tmp_path / "img.png", img, check_contrast=False)
     res = CliRunner().invoke(app, ["segment", str(tmp_path / "img.png"), "-o", str(tmp_path / "n.geojson"),
@@ -177,3 +195,7 @@ def test_segment_auto_end_to_end(tmp_path):
     assert len(feats) == 256
     xs = [c[0] for f in feats for c in f["geometry"]["coordinates"][0]]
     assert max(xs) <= 256  # outlines are in the image's own pixels, not the enlarged ones
+    from nucli.tiling.store import RunStore
+
+    (store,) = tmp_path.glob("*.zarr")
+    assert RunStore.open(store).meta["auto_scale"]["zoom"] > 1.5

@@ -260,7 +260,7 @@ def evaluate_dataset(
     as far as its own nuclei call for (:mod:`nucli.autoscale`); the time then
     includes the first pass.
     """
-    from nucli.autoscale import AUTO, segment_image_auto
+    from nucli.autoscale import AUTO, ratio_for, segment_image_auto
     from nucli.models.registry import build_method
 
     if mpp not in (None, AUTO):
@@ -291,7 +291,7 @@ def evaluate_dataset(
         t0 = time.perf_counter()
         if mpp == AUTO:
             pred, est = segment_image_auto(method, image)
-            zooms.append(est.zoom)
+            zooms.append(1.0 if est is None else est.zoom)
         else:
             pred = np.asarray(method.segment(image[None])[0].labels)
         seconds = time.perf_counter() - t0
@@ -317,6 +317,6 @@ def evaluate_dataset(
     }
     if mpp == AUTO:
         info["mpp"] = AUTO
-        info["auto_zoom"] = {"images_enlarged": int(sum(z > 1 for z in zooms)),
+        info["auto_zoom"] = {"ratio": ratio_for(method.config),"images_enlarged": int(sum(z > 1 for z in zooms)),
                              "zooms": {str(z): zooms.count(z) for z in sorted(set(zooms))}}
     return EvalReport(rows, info, skipped)

@@ -145,6 +145,7 @@ def run_tiling(
         scale = None
         if auto and slide.mpp is None:
             scale = _probe_scale(slide, scale_method, method_name, tile_size, tissue_mask)
+        if scale is not None:
             log.info("%s has no pixel size; median nucleus %s px in %d probe nuclei -> enlarged %.2fx",
                      source, "?" if scale.median_diameter_px is None else f"{scale.median_diameter_px:.1f}",
                      scale.n_nuclei, scale.zoom)
@@ -152,8 +153,12 @@ def run_tiling(
         elif slide.mpp is None:
             if mpp_target is not None:
                 raise InputError(f"{source} has no pixel size in its metadata; pass --mpp")
-            log.warning("%s has no pixel size in its metadata; tiling at native resolution "
-                        "(pass --mpp to set it)", source)
+            if auto:
+                log.info("%s has no pixel size and %s has no auto-zoom rule; working at native resolution",
+                         source, method_name)
+            else:
+                log.warning("%s has no pixel size in its metadata; tiling at native resolution "
+                            "(pass --mpp to set it)", source)
             target = None
         else:
             target = float(mpp_target) if mpp_target is not None else defaults.get("mpp")
@@ -262,14 +267,21 @@ PROBE_TILES = 4
 
 
 def _probe_scale(slide: Any, scale_method: Any, method_name: str | None, tile_size: int, tissue_mask: bool):
-    """Segment up to :data:`PROBE_TILES` tissue tiles at native resolution -> :class:`ScaleEstimate`."""
-    from nucli.autoscale import estimate
+    """Segment up to :data:`PROBE_TILES` tissue tiles at native resolution -> :class:`ScaleEstimate`.
+
+    None (nothing segmented) for a method without an auto-zoom rule.
+    """
+    from nucli.autoscale import estimate_for, ratio_for
     from nucli.tiling import tissue as tissue_mod
 
     if scale_method is None:
-        from nucli.models.registry import build_method
+        from nucli.models.registry import build_method, get_spec
 
+        if ratio_for(get_spec(method_name).config) is None:
+            return None
         scale_method = build_method(method_name)
+    elif ratio_for(scale_method.config) is None:
+        return None
     w0, h0 = (int(v) for v in slide.dimensions)
     grid = TileGrid(w0, h0, tile_size, 0)
     tiles = grid.all_tiles()
@@ -283,7 +295,7 @@ def _probe_scale(slide: Any, scale_method: Any, method_name: str | None, tile_si
         x, y = grid.origin(r, c)
         w, h = grid.extent(r, c)
         labels.append(np.asarray(scale_method.segment(slide.read_scaled(x, y, w, h, 1.0)[None])[0].labels))
-    return estimate(labels, scale_method.config.nucleus_diameter_px)
+    return estimate_for(scale_method.config, labels)
 
 
 # ---------------------------------------------------------------------- settings
