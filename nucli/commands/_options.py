@@ -28,6 +28,7 @@ Mpp = Annotated[
         "--mpp",
         help="Pixel size of the input in µm/px (overrides the slide's metadata), or 'auto': the metadata's, "
         "and for an image without one, enlarge it when the nuclei in a few probe tiles are small for the method.",
+        metavar="NUM|auto",
         show_default=False,
     ),
 ]

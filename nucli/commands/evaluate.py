@@ -52,7 +52,7 @@ def run(
     mpp: Annotated[
         Optional[str],
         typer.Option("--mpp", help="--dataset: 'auto' enlarges each image whose nuclei are small for the method "
-                     "(judged from a first pass; see `nucli segment --help`)."),
+                     "(judged from a first pass; see `nucli segment --help`).", metavar="auto"),
     ] = None,
     per_image: Annotated[bool, typer.Option("--per-image", help="Show a row per image in the table.")] = False,
     output: Annotated[
