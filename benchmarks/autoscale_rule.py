@@ -5,7 +5,8 @@ Every image of each split is segmented at each zoom of ``nucli.autoscale.LADDER`
 (AJI, PQ). The rule (zoom = ratio * nucleus_diameter_px / median diameter of the
 first-pass nuclei, snapped to the ladder, never below 1) is then replayed for a
 grid of ratios: the ratio with the best mean (AJI + PQ) / 2 on the validation split
-(the criterion of the post-processing tuning) is the one to ship, and its test score is reported once, beside the fixed zooms and the
+(the criterion of the post-processing tuning) is the one to ship, if it beats the
+native resolution there by at least ``MIN_GAIN`` (otherwise the method gets no rule), and its test score is reported once, beside the fixed zooms and the
 per-image oracle. Per-image results are cached in ``--cache`` (JSON lines), so
 an interrupted run resumes.
 
@@ -25,6 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+#: a rule is adopted only when it raises val (AJI + PQ) / 2 by at least this much over native resolution
+MIN_GAIN = 0.005
 RATIOS = (0.8, 0.9, 1.0, 1.1, 1.2, 1.25, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.2)
 
 
@@ -99,12 +102,19 @@ def main() -> None:
     val = sweep(args.data, args.val, method, args.cache)
     scores = {r: replay(val, r, diameter) for r in RATIOS}
     best = max(RATIOS, key=lambda r: scores[r][0] + scores[r][1])  # (AJI + PQ) / 2, as threshold tuning
+    native = [float(np.mean([v[1.0][k] for v in val.values()])) for k in ("aji", "pq")]
+    if (scores[best][0] + scores[best][1] - sum(native)) / 2 < MIN_GAIN:
+        best = None  # no ratio clearly beats the native resolution on val: the method gets no rule
     out["val"] = {"images": len(val), "fixed_zoom_aji": {z: round(float(np.mean([v[z]["aji"] for v in val.values()])), 4)
                                                          for z in LADDER},
                   "oracle_aji": round(float(np.mean([max(p["aji"] for p in v.values()) for v in val.values()])), 4),
                   "rule": {r: {"aji": round(a, 4), "pq": round(q, 4), "enlarged": round(e, 3)}
                            for r, (a, q, e) in scores.items()},
+                  "native": {"aji": round(native[0], 4), "pq": round(native[1], 4)},
                   "chosen_ratio": best}
+    if best is None:
+        print(json.dumps(out, indent=1))
+        return
     test = sweep(args.data, args.test, method, args.cache)
     a, q, e = replay(test, best, diameter)
     out["test"] = {"images": len(test),
