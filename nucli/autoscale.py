@@ -15,7 +15,7 @@ The ratio is the method's own, chosen on ``dsb2018/val`` only with its shipped
 weights (``benchmarks/autoscale_rule.py`` reruns the choice), and adopted only
 when it raises val (AJI + PQ)/2 by at least 0.005. A method without one in
 :data:`AUTO_RATIOS` is never enlarged: ``auto`` then keeps the native resolution.
-GeNSeg-Net: 1.6 (+0.015). HARU-Net: no ratio beat native (best +0.000, at 0.8);
+GeNSeg-Net: 1.6 (+0.015). HARU-Net: every ratio lowered val (best -0.0015, at 0.8);
 watershed: best +0.002 (ratio 1.0), below the bar; MCF and spatialprior were not tried.
 """
 
