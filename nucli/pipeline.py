@@ -510,6 +510,7 @@ def stitch_to_outputs(store: RunStore, outputs: dict, *, overlay=None, progress:
         "tiles": stats.tiles,
         "modality": "brightfield" if stats.brightfield else "fluorescence",
         "working_mpp": meta.get("working_mpp"),
+        **({"auto_zoom": meta["auto_scale"]["zoom"]} if meta.get("auto_scale") else {}),
         "method": (store.stage_meta(STAGE) or {}).get("method"),
         "store": str(store.path),
         "outputs": paths,

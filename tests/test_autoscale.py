@@ -162,6 +162,11 @@ def test_tile_auto_enlarges_an_image_without_pixel_size(tmp_path, ratios):
                                    "--method", "watershed", "--mpp", "auto", "--no-tissue-mask", "--quiet"])
     assert res.exit_code == 0, res.output
     meta = RunStore.open(tmp_path / "a.zarr").meta
+    from nucli.tiling.tiler import run_tiling
+
+    report = run_tiling(tmp_path / "img.png", tmp_path / "a.zarr", mpp="auto", method="watershed",
+                        tissue_mask=False, progress=False)
+    assert report.status == "complete" and report.summary()["auto_zoom"] == meta["auto_scale"]["zoom"]
     assert meta["source_mpp_from"] == "auto" and meta["source_mpp"] is None
     z = meta["auto_scale"]["zoom"]
     assert z > 1.5 and meta["downsample"] == 1 / z
@@ -191,6 +196,7 @@ def test_segment_auto_end_to_end(tmp_path, ratios):
     res = CliRunner().invoke(app, ["segment", str(tmp_path / "img.png"), "-o", str(tmp_path / "n.geojson"),
                                    "--method", "watershed", "--mpp", "auto", "--no-tissue-mask", "--json"])
     assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["auto_zoom"] > 1.5
     feats = json.loads((tmp_path / "n.geojson").read_text())["features"]
     assert len(feats) == 256
     xs = [c[0] for f in feats for c in f["geometry"]["coordinates"][0]]

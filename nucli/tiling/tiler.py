@@ -58,8 +58,11 @@ class TileReport:
     working_mpp: float | None
     downsample: float
     seconds: float
+    auto_scale: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
+        extra = {"auto_zoom": self.auto_scale["zoom"],
+                 "auto_median_nucleus_px": self.auto_scale["median_diameter_px"]} if self.auto_scale else {}
         return {
             "output": str(self.path),
             "status": self.status,
@@ -70,6 +73,7 @@ class TileReport:
             "source_mpp": self.source_mpp,
             "working_mpp": self.working_mpp,
             "downsample": self.downsample,
+            **extra,
             "seconds": round(self.seconds, 3),
         }
 
@@ -259,7 +263,7 @@ def run_tiling(
         store=store, path=out, n_tiles=store.n_tiles, grid_tiles=len(grid), written=len(todo),
         already_done=already, status=status, tissue_fraction=m.get("tissue_fraction"),
         source_mpp=m.get("source_mpp"), working_mpp=m.get("working_mpp"), downsample=float(m["downsample"]),
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, auto_scale=m.get("auto_scale"),
     )
 
 
