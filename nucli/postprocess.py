@@ -220,3 +220,33 @@ def relabel_sequential(labels: np.ndarray) -> np.ndarray:
     lut = np.zeros(int(labels.max(initial=0)) + 1, np.int32)
     lut[order] = np.arange(1, len(order) + 1, dtype=np.int32)
     return lut[labels].astype(np.int32) if labels.size else labels.astype(np.int32)
+
+
+def drop_pale(labels: np.ndarray, rgb: np.ndarray, min_od: float, brightfield: bool | None = None) -> np.ndarray:
+    """Brightfield only: remove instances whose mean hematoxylin OD is below ``min_od``.
+
+    On H&E, pink eosin-rich stroma and cytoplasm next to white background can be
+    outlined as nuclei; real nuclei carry hematoxylin. ``brightfield=None`` decides
+    from the image (:func:`detect_polarity`). Ids are renumbered 1..n.
+    """
+    labels = np.asarray(labels)
+    if min_od <= 0 or labels.max() == 0:
+        return labels
+    if brightfield is None:
+        brightfield = detect_polarity(rgb) == BRIGHTFIELD
+    if not brightfield:
+        return labels
+    n = int(labels.max())
+    h = hematoxylin(rgb)
+    cnt = np.bincount(labels.ravel(), minlength=n + 1)
+    mean = np.bincount(labels.ravel(), weights=h.ravel(), minlength=n + 1) / np.maximum(cnt, 1)
+    drop = (mean < min_od) & (cnt > 0)
+    drop[0] = False
+    if not drop.any():
+        return labels
+    keep = np.flatnonzero(~drop & (cnt > 0))
+    keep = keep[keep > 0]
+    lut = np.zeros(n + 1, np.int32)
+    lut[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
+    return lut[labels]
+

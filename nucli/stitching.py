@@ -56,6 +56,7 @@ class Frame:
     overlap: int
     method: str | None = None
     source_path: str | None = None
+    min_hematoxylin_od: float = 0.0  # brightfield: nuclei paler than this are not exported (the method's setting)
 
 
 @dataclass
@@ -181,7 +182,16 @@ def frame_of(store: RunStore, sample_tiles: int = 9) -> Frame:
         overlap=int(m.get("overlap", 0)),
         method=stage.get("method"),
         source_path=source.get("path"),
+        min_hematoxylin_od=_min_hematoxylin(stage),
     )
+
+
+def _min_hematoxylin(stage: dict) -> float:
+    """The segmenting method's ``min_hematoxylin_od`` setting (0: none), from the store's stage record."""
+    try:
+        return max(float(((stage.get("config") or {}).get("params") or {}).get("min_hematoxylin_od") or 0.0), 0.0)
+    except (TypeError, ValueError, AttributeError):
+        return 0.0
 
 
 # --------------------------------------------------------------------------- per tile
@@ -313,6 +323,9 @@ def tile_nuclei(
         meas = measure(mask, channel[sl], x0=x0, y0=y0, perimeter_w=poly_w.length, polygon_area_w=poly_w.area,
                        polygon_hull_area_w=poly_w.convex_hull.area,
                        downsample=d, um_per_px=frame.um_per_px, brightfield=frame.brightfield)
+        if frame.brightfield and frame.min_hematoxylin_od > 0 and not (
+                meas.get("channel_mean", 1.0) >= frame.min_hematoxylin_od):
+            continue  # pale on H&E: stroma or cytoplasm, not a nucleus (the method's setting)
         poly0 = shapely.transform(poly_w, lambda c: c * d) if d != 1.0 else poly_w
         score = None
         if scores is not None and lab < len(scores) and not math.isnan(float(scores[lab])):

@@ -18,6 +18,9 @@ CPU_PARAMS = {
     "unet": {"widths": [16, 32, 64, 128]},
     "postprocess": {"body_threshold": 0.5, "background_threshold": 0.3, "band_bias": 0.0,
                     "min_seed_area": 6, "min_area": 20, "split_h": 1.0},
+    # brightfield: nuclei with mean hematoxylin OD below this are dropped (pink stroma / cytoplasm outlined
+    # as nuclei on H&E slides); 0.03 is the largest value that does not lower val brightfield-colour AJI
+    "min_hematoxylin_od": 0.03,
     "bf16": "auto",  # bfloat16 autocast where the CPU supports it natively (accuracy-neutral on DSB2018)
     "segmentation_stage": "unet",
 }

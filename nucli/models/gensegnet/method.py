@@ -85,6 +85,21 @@ class GenSegNet(Method):
     def postprocess(self, raw: np.ndarray) -> list[TileResult]:
         return [TileResult(labels=instances_from_probs(p, self.params)) for p in np.asarray(raw)]
 
+    def segment(self, tiles: np.ndarray) -> list[TileResult]:
+        """Whole images (``nucli evaluate --dataset``): as in a slide run, pale brightfield nuclei dropped.
+
+        In a slide run the same filter is applied while stitching, with the slide's modality.
+        """
+        from nucli.postprocess import as_rgb, drop_pale
+
+        tiles = _check_tiles(tiles)
+        results = self.postprocess(self.infer(tiles))
+        min_od = float(self.config.params.get("min_hematoxylin_od") or 0.0)
+        if min_od > 0:
+            for r, t in zip(results, tiles):
+                r.labels = drop_pale(r.labels, as_rgb(t), min_od)
+        return results
+
     def segment_enhanced(self, enhanced: np.ndarray) -> list[TileResult]:
         """Segment stored enhanced tiles ((B, H, W) uint8 or float) without re-running the generator."""
         return self.postprocess(self.classify(enhanced))

@@ -1,0 +1,91 @@
+"""Pale brightfield objects (eosin-pink stroma outlined as nuclei) are dropped by methods that ask for it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nucli.postprocess import drop_pale, hematoxylin
+from nucli.synthetic import NUCLEUS, TISSUE
+
+PINK = (200, 90, 150)  # eosin-rich stroma: darker than the background, little hematoxylin
+WHITE = (245, 245, 245)
+
+
+def scene():
+    """An H&E-like picture: a purple nucleus and a pink stroma blob on white; labels for both."""
+    img = np.empty((64, 96, 3), np.uint8)
+    img[:] = WHITE
+    yy, xx = np.mgrid[0:64, 0:96]
+    nucleus = (yy - 32) ** 2 + (xx - 24) ** 2 <= 100
+    stroma = (yy - 32) ** 2 + (xx - 70) ** 2 <= 100
+    img[nucleus] = NUCLEUS
+    img[stroma] = PINK
+    labels = np.zeros((64, 96), np.int32)
+    labels[stroma] = 1
+    labels[nucleus] = 2
+    return img, labels
+
+
+def test_the_colours_are_what_the_test_means():
+    h = hematoxylin(np.array([[NUCLEUS, PINK, TISSUE]], np.uint8))[0]
+    assert h[0] > 0.08 and h[1] < 0.03 and h[2] < 0.03
+
+
+def test_drop_pale_keeps_nuclei_and_renumbers():
+    img, labels = scene()
+    out = drop_pale(labels, img, 0.03)
+    assert out.max() == 1 and (out > 0).sum() == (labels == 2).sum()
+    assert drop_pale(labels, img, 0.0) is labels  # off
+    assert (drop_pale(labels, img, 0.03, brightfield=False) == labels).all()  # fluorescence: untouched
+    dark = 255 - img  # a dark background: detected as fluorescence, untouched
+    assert (drop_pale(labels, dark, 0.03) == labels).all()
+
+
+@pytest.fixture
+def components_method(monkeypatch):
+    """A registered test method: connected components of non-white pixels, with a pale-nucleus setting."""
+    from nucli.models import registry
+    from nucli.models.base import Method, MethodConfig, TileResult
+
+    class Components(Method):
+        def postprocess(self, raw):
+            from skimage.measure import label
+
+            return [TileResult(labels=label(tile.min(axis=-1) < 230).astype(np.int32)) for tile in raw]
+
+    registry.available()
+
+    def register(min_od):
+        spec = registry.MethodSpec(
+            name="components-pale", summary="test only",
+            config=MethodConfig(name="components-pale", params={"min_hematoxylin_od": min_od}),
+            builder=lambda config, weights, device: Components(config),
+        )
+        monkeypatch.setitem(registry._REGISTRY, spec.name, spec)
+        return spec.name
+
+    return register
+
+
+def test_stitching_drops_pale_nuclei_when_the_method_asks(components_method):
+    from nucli.api import segment_array
+
+    img, _ = scene()
+    labels, table = segment_array(img, components_method(0.0))
+    assert labels.max() == 2 and len(table["label"]) == 2
+    labels, table = segment_array(img, components_method(0.03))
+    assert labels.max() == 1 and len(table["label"]) == 1
+    assert table["hematoxylin_mean"][0] > 0.08
+
+
+def test_gensegnet_whole_image_segment_drops_pale(monkeypatch):
+    from nucli.models.base import TileResult
+    from nucli.models.registry import build_method
+
+    m = build_method("gensegnet")
+    assert m.config.params["min_hematoxylin_od"] == 0.03
+    img, labels = scene()
+    monkeypatch.setattr(type(m), "postprocess", lambda self, raw: [TileResult(labels=labels.copy())])
+    out = m.segment(img[None])[0].labels
+    assert out.max() == 1 and (out > 0).sum() == (labels == 2).sum()
