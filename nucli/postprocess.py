@@ -223,11 +223,13 @@ def relabel_sequential(labels: np.ndarray) -> np.ndarray:
 
 
 def drop_pale(labels: np.ndarray, rgb: np.ndarray, min_od: float, brightfield: bool | None = None) -> np.ndarray:
-    """Brightfield only: remove instances whose mean hematoxylin OD is below ``min_od``.
+    """Brightfield only: remove pink instances whose mean hematoxylin OD is below ``min_od``.
 
     On H&E, pink eosin-rich stroma and cytoplasm next to white background can be
-    outlined as nuclei; real nuclei carry hematoxylin. ``brightfield=None`` decides
-    from the image (:func:`detect_polarity`). Ids are renumbered 1..n.
+    outlined as nuclei; real nuclei carry hematoxylin. Only pink objects (see
+    :func:`is_pale_pink`) are removed, so pale lavender nuclei and the DAB-brown
+    nuclei of IHC slides, which carry little hematoxylin, are kept. ``brightfield=None``
+    decides from the image (:func:`detect_polarity`). Ids are renumbered 1..n.
     """
     labels = np.asarray(labels)
     if min_od <= 0 or labels.max() == 0:
@@ -237,10 +239,16 @@ def drop_pale(labels: np.ndarray, rgb: np.ndarray, min_od: float, brightfield: b
     if not brightfield:
         return labels
     n = int(labels.max())
-    h = hematoxylin(rgb)
-    cnt = np.bincount(labels.ravel(), minlength=n + 1)
-    mean = np.bincount(labels.ravel(), weights=h.ravel(), minlength=n + 1) / np.maximum(cnt, 1)
-    drop = (mean < min_od) & (cnt > 0)
+    rgb = as_rgb(rgb)
+    flat = labels.ravel()
+    cnt = np.bincount(flat, minlength=n + 1)
+    den = np.maximum(cnt, 1)
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        return np.bincount(flat, weights=values.ravel().astype(np.float64), minlength=n + 1) / den
+
+    drop = is_pale_pink(mean(hematoxylin(rgb)), mean(rgb[..., 0]), mean(rgb[..., 1]), mean(rgb[..., 2]),
+                        min_od) & (cnt > 0)
     drop[0] = False
     if not drop.any():
         return labels
@@ -249,4 +257,15 @@ def drop_pale(labels: np.ndarray, rgb: np.ndarray, min_od: float, brightfield: b
     lut = np.zeros(n + 1, np.int32)
     lut[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
     return lut[labels]
+
+
+def is_pale_pink(hematoxylin_mean, red_mean, green_mean, blue_mean, min_od: float):
+    """An object that is eosin-pink, not a nucleus: little hematoxylin, and red > blue > green.
+
+    Pale hematoxylin-stained nuclei are lavender (blue above red) and DAB-brown
+    (IHC-positive) nuclei have less blue than green: neither is pale-pink, however
+    little hematoxylin they carry. Works on scalars or arrays of per-object means.
+    """
+    r, g, b = (np.asarray(v, dtype=np.float64) for v in (red_mean, green_mean, blue_mean))
+    return (np.asarray(hematoxylin_mean) < min_od) & (r > b) & (b > g)
 

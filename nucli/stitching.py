@@ -285,7 +285,7 @@ def tile_nuclei(
     from scipy import ndimage as ndi
 
     from nucli.export.measurements import measure
-    from nucli.postprocess import BRIGHTFIELD, FLUORESCENCE, nucleus_channel
+    from nucli.postprocess import BRIGHTFIELD, FLUORESCENCE, is_pale_pink, nucleus_channel
 
     labels = np.asarray(labels)
     n = int(labels.max(initial=0))
@@ -323,9 +323,11 @@ def tile_nuclei(
         meas = measure(mask, channel[sl], x0=x0, y0=y0, perimeter_w=poly_w.length, polygon_area_w=poly_w.area,
                        polygon_hull_area_w=poly_w.convex_hull.area,
                        downsample=d, um_per_px=frame.um_per_px, brightfield=frame.brightfield)
-        if frame.brightfield and frame.min_hematoxylin_od > 0 and not (
-                meas.get("channel_mean", 1.0) >= frame.min_hematoxylin_od):
-            continue  # pale on H&E: stroma or cytoplasm, not a nucleus (the method's setting)
+        if frame.brightfield and frame.min_hematoxylin_od > 0:
+            px = pixels[sl][mask]
+            if is_pale_pink(meas.get("channel_mean", 1.0), px[:, 0].mean(), px[:, 1].mean(), px[:, 2].mean(),
+                            frame.min_hematoxylin_od):
+                continue  # pink with little hematoxylin on H&E: stroma or cytoplasm (the method's setting)
         poly0 = shapely.transform(poly_w, lambda c: c * d) if d != 1.0 else poly_w
         score = None
         if scores is not None and lab < len(scores) and not math.isnan(float(scores[lab])):

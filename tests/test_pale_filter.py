@@ -9,6 +9,8 @@ from nucli.postprocess import drop_pale, hematoxylin
 from nucli.synthetic import NUCLEUS, TISSUE
 
 PINK = (200, 90, 150)  # eosin-rich stroma: darker than the background, little hematoxylin
+BROWN = (140, 90, 60)  # a DAB-positive (IHC) nucleus: little hematoxylin too, but brown
+LAVENDER = (200, 195, 225)  # a pale hematoxylin-stained nucleus: little hematoxylin, but blue above red
 WHITE = (245, 245, 245)
 
 
@@ -28,8 +30,16 @@ def scene():
 
 
 def test_the_colours_are_what_the_test_means():
-    h = hematoxylin(np.array([[NUCLEUS, PINK, TISSUE]], np.uint8))[0]
-    assert h[0] > 0.08 and h[1] < 0.03 and h[2] < 0.03
+    h = hematoxylin(np.array([[NUCLEUS, PINK, TISSUE, BROWN]], np.uint8))[0]
+    assert h[0] > 0.08 and h[1] < 0.03 and h[2] < 0.03 and h[3] < 0.03
+
+
+@pytest.mark.parametrize("colour", [BROWN, LAVENDER])
+def test_pale_nuclei_of_other_colours_are_kept(colour):
+    img, labels = scene()
+    img[labels == 1] = colour  # the second object is an IHC-positive or a pale nucleus, not stroma
+    assert hematoxylin(np.array([[colour]], np.uint8))[0, 0] < 0.03
+    assert (drop_pale(labels, img, 0.03) == labels).all()
 
 
 def test_drop_pale_keeps_nuclei_and_renumbers():
