@@ -312,7 +312,9 @@ def _estimate(slide: Any, spec: Any, tiles: list, grid: Any, working: float | No
     except WeightsError as exc:
         return {"seconds_per_tile": None, "estimated_seconds": None, "estimate": f"not measured: {exc}"}
     load = time.perf_counter() - t0
-    picks = sorted(set(np.linspace(0, len(tiles) - 1, min(probe, len(tiles))).round().astype(int).tolist()))
+    from nucli.tiling.grid import spread
+
+    picks = spread(len(tiles), probe)
     times = []
     for k in picks:
         r, c = tiles[k]

@@ -103,18 +103,17 @@ def resize_rgb(rgb: np.ndarray, zoom: float) -> np.ndarray:
 
 
 def shrink_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour: input pixel (y, x) takes working pixel floor((y + 0.5) * h / H)."""
-    h, w = labels.shape
-    ys = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
-    xs = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
-    out = labels[ys[:, None], xs[None, :]]
-    # a nucleus can vanish when shrunk; renumber so ids stay 1..n
+    """Labels of an enlarged image back to ``shape`` (nearest neighbour, as ``segment_array``), ids 1..n.
+
+    A nucleus can vanish when shrunk; the ids are then renumbered.
+    """
+    from nucli.api import _resize_labels
+    from nucli.postprocess import relabel_sequential
+
+    out = _resize_labels(np.asarray(labels), (int(shape[0]), int(shape[1])))
     ids = np.unique(out)
-    ids = ids[ids > 0]
-    if ids.size and ids[-1] != ids.size:
-        lut = np.zeros(int(out.max()) + 1, np.int32)
-        lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
-        out = lut[out]
+    if ids[-1] != ids.size - (ids[0] == 0):
+        out = relabel_sequential(out)
     return out.astype(np.int32, copy=False)
 
 

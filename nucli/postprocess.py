@@ -252,11 +252,7 @@ def drop_pale(labels: np.ndarray, rgb: np.ndarray, min_od: float, brightfield: b
     drop[0] = False
     if not drop.any():
         return labels
-    keep = np.flatnonzero(~drop & (cnt > 0))
-    keep = keep[keep > 0]
-    lut = np.zeros(n + 1, np.int32)
-    lut[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
-    return lut[labels]
+    return relabel_sequential(np.where(drop[labels], 0, labels))
 
 
 def is_pale_pink(hematoxylin_mean, red_mean, green_mean, blue_mean, min_od: float):

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from nucli.errors import ProcessingError, StoreError
-from nucli.tiling.grid import TileGrid
+from nucli.tiling.grid import TileGrid, spread
 from nucli.tiling.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def frame_of(store: RunStore, sample_tiles: int = 9) -> Frame:
     if n:
         grid = store.grid
         idx = store.indices()
-        picks = sorted(set(np.linspace(0, n - 1, min(n, sample_tiles)).round().astype(int).tolist()))
+        picks = spread(n, sample_tiles)
         samples = []
         for i in picks:
             ew, eh = grid.extent(int(idx[i][0]), int(idx[i][1]))

@@ -108,3 +108,11 @@ class TileGrid:
         """Vectorised: which image-coordinate centroids fall in this tile's core."""
         x0, y0, x1, y1 = self.core(row, col)
         return (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+
+
+def spread(n: int, k: int) -> list[int]:
+    """Up to ``k`` indices spread evenly over ``range(n)``, first and last included (sorted, distinct)."""
+    if n <= 0 or k <= 0:
+        return []
+    return sorted(set(np.linspace(0, n - 1, min(n, k)).round().astype(int).tolist()))
+

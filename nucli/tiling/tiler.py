@@ -17,6 +17,7 @@ Order of work, so that a bad input leaves nothing behind:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ import numpy as np
 
 from nucli.errors import InputError, OutputExistsError, StoreError, UsageError
 from nucli.export._atomic import check_writable
-from nucli.tiling.grid import TileGrid
+from nucli.tiling.grid import TileGrid, spread
 from nucli.tiling.store import ATTR_KEY, FORMAT_VERSION, RunStore
 
 log = logging.getLogger("nucli.tile")
@@ -146,9 +147,11 @@ def run_tiling(
         raise UsageError(f"--overlap must be in [0, tile size {tile_size}), got {overlap}")
 
     with open_slide(source, mpp=None if auto else mpp) as slide, contextlib.ExitStack() as lock_stack:
+        # the tissue overview, read once (the --mpp auto probe and the tile selection both use it)
+        overview = functools.cache(lambda: tissue_mod.tissue_mask(slide))
         scale = None
         if auto and slide.mpp is None:
-            scale = _probe_scale(slide, scale_method, method_name, tile_size, tissue_mask)
+            scale = _probe_scale(slide, scale_method, method_name, tile_size, overview if tissue_mask else None)
         if scale is not None:
             log.info("%s has no pixel size; median nucleus %s px in %d probe nuclei -> enlarged %.2fx",
                      source, "?" if scale.median_diameter_px is None else f"{scale.median_diameter_px:.1f}",
@@ -205,7 +208,7 @@ def run_tiling(
             fraction = None
             mask_ds = None
             if tissue_mask:
-                mask, mask_ds = tissue_mod.tissue_mask(slide)
+                mask, mask_ds = overview()
                 fraction = float(mask.mean())
                 tiles = tissue_mod.tiles_with_tissue(grid, mask, mask_ds, ds)
                 if not tiles:
@@ -270,13 +273,14 @@ def run_tiling(
 PROBE_TILES = 4
 
 
-def _probe_scale(slide: Any, scale_method: Any, method_name: str | None, tile_size: int, tissue_mask: bool):
+def _probe_scale(slide: Any, scale_method: Any, method_name: str | None, tile_size: int,
+                 overview: Any = None):
     """Segment up to :data:`PROBE_TILES` tissue tiles at native resolution -> :class:`ScaleEstimate`.
 
-    None (nothing segmented) for a method without an auto-zoom rule.
+    ``overview()`` gives the tissue mask (None: every tile may be probed). None (nothing
+    segmented) for a method without an auto-zoom rule.
     """
     from nucli.autoscale import estimate_for, ratio_for
-    from nucli.tiling import tissue as tissue_mod
 
     if scale_method is None:
         from nucli.models.registry import build_method, get_spec
@@ -289,12 +293,13 @@ def _probe_scale(slide: Any, scale_method: Any, method_name: str | None, tile_si
     w0, h0 = (int(v) for v in slide.dimensions)
     grid = TileGrid(w0, h0, tile_size, 0)
     tiles = grid.all_tiles()
-    if tissue_mask:
-        mask, mask_ds = tissue_mod.tissue_mask(slide)
+    if overview is not None:
+        from nucli.tiling import tissue as tissue_mod
+
+        mask, mask_ds = overview()
         tiles = tissue_mod.tiles_with_tissue(grid, mask, mask_ds, 1.0) or tiles
-    picks = sorted(set(np.linspace(0, len(tiles) - 1, min(PROBE_TILES, len(tiles))).round().astype(int).tolist()))
     labels = []
-    for k in picks:
+    for k in spread(len(tiles), PROBE_TILES):
         r, c = tiles[k]
         x, y = grid.origin(r, c)
         w, h = grid.extent(r, c)
