@@ -67,8 +67,24 @@ def pending_tiles(store: RunStore, stage: str = STAGE) -> np.ndarray:
     return np.flatnonzero(~store.done(stage))
 
 
-def prepare(store: RunStore, method: Method, overwrite: bool = False) -> None:
-    """Record the method's settings (refusing a mix) and create the labels array."""
+def record_device(store: RunStore, stage: str, device: dict | None, fresh: bool = False) -> None:
+    """Add ``device`` ({"device", "gpu"}) to the devices that ran ``stage`` (attribute ``devices``).
+
+    Not a setting: a store segmented on one device resumes on another, and each is listed.
+    ``fresh``: the stage starts over, so only this device is listed.
+    """
+    if not device:
+        return
+    devices = dict(store.meta.get("devices") or {})
+    runs = [] if fresh else [d for d in (devices.get(stage) or []) if isinstance(d, dict)]
+    if dict(device) not in runs:
+        runs.append(dict(device))
+    devices[stage] = runs
+    store.update_meta(devices=devices)
+
+
+def prepare(store: RunStore, method: Method, overwrite: bool = False, device: dict | None = None) -> None:
+    """Record the method's settings (refusing a mix) and the device, and create the labels array."""
     from nucli.errors import StoreError
 
     if store.has("done/tile") and not store.is_complete("tile"):
@@ -85,6 +101,7 @@ def prepare(store: RunStore, method: Method, overwrite: bool = False) -> None:
                     "segmenting them again", store.path, len(lost))
         store.unmark_done(STAGE, lost)
     store.set_stage_meta(STAGE, method.describe(), overwrite=overwrite)
+    record_device(store, STAGE, device, fresh=not store.done(STAGE).any())
     if hasattr(store, "init_done"):
         store.init_done(STAGE)
     t = store.tile_size
@@ -218,7 +235,7 @@ def uses_stored_enhancement(store: RunStore, method: Method) -> bool:
     """True when ``method`` has a separate enhancement stage and ``store`` holds its complete output."""
     if not (hasattr(method, "classify") and hasattr(method, "enhance")):
         return False
-    from nucli.models.gensegnet.enhance import has_enhanced
+    from nucli.enhance_stage import has_enhanced
 
     return has_enhanced(store, method)
 
@@ -235,6 +252,7 @@ def segment_store(
     recipe=None,
     shard=None,
     lock: bool = True,
+    device: dict | None = None,
 ) -> SegmentStats:
     """Segment every tile of ``store`` that is not done yet.
 
@@ -244,6 +262,8 @@ def segment_store(
     ``shard`` ('i/n' or :class:`nucli.parallel.Shard`) limits the run to every
     n-th tile. The store is locked against a second writer without ``--shard``
     (``lock=False`` skips that). ``on_batch(n)`` is called after each finished batch.
+    ``device`` ({"device", "gpu"}, :meth:`nucli.parallel.device.Device.record`) is added
+    to the store's record of the devices that ran the stage.
     """
     from nucli.parallel import Runner, Shard, StoreLock, plan_batches, setup_lock
 
@@ -255,7 +275,7 @@ def segment_store(
         with setup_lock(store.path):
             if hasattr(store, "reload"):
                 store.reload()  # another process may have set up the stage meanwhile
-            prepare(store, method, overwrite=overwrite)
+            prepare(store, method, overwrite=overwrite, device=device)
         todo = pending_tiles(store)
         total = store.n_tiles
         done_before = total - len(todo)
@@ -395,12 +415,17 @@ def segment_to_outputs(
     tissue_mask: bool = True,
     overwrite: bool = False,
     progress: bool = True,
-    device: str = "cpu",
+    device="cpu",
+    precision: str | None = None,
     runner=None,
     shard=None,
 ) -> dict:
     """``nucli segment``: tile (if given a slide), segment, stitch, export. Returns the summary.
 
+    ``device`` (``auto|cpu|cuda|cuda:N|mps`` or a resolved
+    :class:`nucli.parallel.device.Device`) is where the model runs, in mixed
+    ``precision`` on a GPU (default: the method's); without ``batch_size`` a GPU
+    takes as many tiles per batch as its free memory holds.
     ``runner`` (:func:`nucli.parallel.make_runner`) says where tiles are segmented.
     With ``shard='i/n'`` the source must be a run store and ``output`` None: only
     that shard's tiles are segmented (no stitch; run ``nucli stitch`` once all
@@ -410,23 +435,23 @@ def segment_to_outputs(
 
     from nucli.errors import UsageError
     from nucli.export import check_outputs, default_store_path, resolve_outputs
-    from nucli.models.registry import build_method
-    from nucli.parallel import MethodRecipe, Shard
+    from nucli.parallel import Shard
 
     start = time.perf_counter()
     shard = Shard.parse(shard)
     source = Path(source)
+    dev, runner = _device_and_runner(device, runner)
     if shard is not None:
         return _segment_shard(source, shard, method=method, weights=weights, batch_size=batch_size, output=output,
                               formats=formats, overlay=overlay, overwrite=overwrite, progress=progress,
-                              device=device, runner=runner)
+                              device=dev, precision=precision, runner=runner)
     if output is None:
         raise UsageError("-o/--output is required: the GeoJSON file to write (or use --shard i/n on a run store)")
     output = Path(output)
     outputs = resolve_outputs(output, formats)
-    check_outputs([*outputs.values(), *([Path(overlay)] if overlay else [])], overwrite)
-    m = build_method(method, weights=weights, device=device)
-    recipe = MethodRecipe.create(m.name, weights, device) if runner is not None and runner.is_dask else None
+    inputs = [("the input", source), ("the weights", Path(weights) if weights is not None else None)]
+    check_outputs([*outputs.values(), *([Path(overlay)] if overlay else [])], overwrite, inputs=inputs)
+    m, recipe = method_for(method, weights, dev, precision, runner)
 
     if is_run_store(source):
         ignored = [n for n, v in (("--mpp", mpp), ("--mpp-target", mpp_target), ("--tile-size", tile_size),
@@ -435,7 +460,10 @@ def segment_to_outputs(
             log.warning("%s ignored: %s is already tiled", ", ".join(ignored), source)
         run_store = RunStore.open(source, mode="r+")
     else:
+        from nucli.outputs import refuse_inputs
+
         store_path = Path(store) if store is not None else default_store_path(output)
+        refuse_inputs([("--store" if store is not None else "the run store", store_path)], inputs)
         used = {Path(p).resolve() for p in outputs.values()}
         if store_path.resolve() in used or (overlay and store_path.resolve() == Path(overlay).resolve()):
             raise UsageError(f"the run store {store_path} would overwrite an output; pass another --store")
@@ -446,22 +474,57 @@ def segment_to_outputs(
         log.warning("tile overlap %d px is below the method's largest nucleus (%d px); large nuclei will stop "
                     "the stitch (re-tile with a larger --overlap)", run_store.overlap,
                     m.config.max_nucleus_diameter_px)
-    seg = segment_store(run_store, m, batch_size=batch_size, overwrite=overwrite, progress=progress,
-                        runner=runner, recipe=recipe)
+    bs = batch_for(dev, run_store, m, batch_size)
+    seg = segment_store(run_store, m, batch_size=bs, overwrite=overwrite, progress=progress,
+                        runner=runner, recipe=recipe, device=dev.record())
     summary = stitch_to_outputs(run_store, outputs, overlay=overlay, progress=progress)
     summary["method"] = m.name
     summary["tiles_segmented_now"] = seg.tiles_segmented
-    summary["runner"] = runner.describe() if runner is not None else "serial"
+    summary["runner"] = runner.describe()
+    summary.update(dev.record())
+    summary["batch_size"] = bs
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
 
 
+def _device_and_runner(device, runner):
+    """The resolved device (a DeviceError before anything is created) and the runner that carries it."""
+    from nucli.parallel import Runner
+    from nucli.parallel.device import resolve_device
+
+    runner = runner or Runner.serial()
+    dev = resolve_device(device, remote=runner.mode in ("scheduler", "slurm"))
+    if runner.device is None:
+        runner.device = dev
+    return dev, runner
+
+
+def method_for(method, weights, dev, precision, runner):
+    """The method built here (on ``dev`` for a serial run; on the CPU, for its settings, when Dask workers
+    build their own from the returned recipe) and that recipe (None for a serial run)."""
+    from nucli.parallel import MethodRecipe
+    from nucli.parallel.device import CPU, build_on_device
+
+    if not runner.is_dask:
+        return build_on_device(method, weights, dev, precision), None
+    m = build_on_device(method, weights, CPU)
+    return m, MethodRecipe.create(m.name, weights, runner.method_device(), precision)
+
+
+def batch_for(dev, store: RunStore, method: Method, batch_size: int | None) -> int:
+    """``--batch-size``, else the method's default (CPU) or what free GPU memory holds."""
+    from nucli.parallel.device import auto_batch_size
+
+    if batch_size:
+        return int(batch_size)
+    default = int(method.config.batch_size or 1)
+    return auto_batch_size(dev, store.tile_size, default) if dev.is_cuda and not dev.remote else default
+
+
 def _segment_shard(source, shard, *, method, weights, batch_size, output, formats, overlay, overwrite, progress,
-                   device, runner) -> dict:
+                   device, precision, runner) -> dict:
     """``nucli segment RUN.zarr --shard i/n``: segment this shard's tiles only; the summary."""
     from nucli.errors import UsageError
-    from nucli.models.registry import build_method
-    from nucli.parallel import MethodRecipe
 
     start = time.perf_counter()
     if output is not None or formats or overlay is not None:
@@ -470,11 +533,11 @@ def _segment_shard(source, shard, *, method, weights, batch_size, output, format
     if not is_run_store(source):
         raise UsageError(f"--shard needs a run store: tile once with `nucli tile {source} -o RUN.zarr`, "
                          "then run every shard on RUN.zarr")
-    m = build_method(method, weights=weights, device=device)
-    recipe = MethodRecipe.create(m.name, weights, device) if runner is not None and runner.is_dask else None
+    m, recipe = method_for(method, weights, device, precision, runner)
     store = RunStore.open(source, mode="r+")
-    seg = segment_store(store, m, batch_size=batch_size, overwrite=overwrite, progress=progress, runner=runner,
-                        recipe=recipe, shard=shard)
+    bs = batch_for(device, store, m, batch_size)
+    seg = segment_store(store, m, batch_size=bs, overwrite=overwrite, progress=progress, runner=runner,
+                        recipe=recipe, shard=shard, device=device.record())
     done = int(store.done(STAGE).sum())
     return {
         "store": str(source),
@@ -485,7 +548,9 @@ def _segment_shard(source, shard, *, method, weights, batch_size, output, format
         "tiles_segmented_now": seg.tiles_segmented,
         "tiles_done_in_store": done,
         "complete": done == seg.tiles_total,
-        "runner": runner.describe() if runner is not None else "serial",
+        "runner": runner.describe(),
+        **device.record(),
+        "batch_size": bs,
         "seconds": round(time.perf_counter() - start, 2),
     }
 

@@ -223,8 +223,12 @@ def test_existing_outputs_are_kept_without_overwrite(tmp_path):
     p.write_text("keep me")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         check_outputs([p], overwrite=False)
-    check_outputs([p], overwrite=True)
+    # --overwrite replaces only nucli's own outputs: a file nucli did not write is refused
+    with pytest.raises(OutputExistsError, match="refusing to replace .*nucli did not write"):
+        check_outputs([p], overwrite=True)
     assert p.read_text() == "keep me"
+    p.write_text('{"type": "FeatureCollection", "features": [\n]}\n')  # what nucli writes for no nuclei
+    check_outputs([p], overwrite=True)
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path):

@@ -373,6 +373,11 @@ def test_existing_output_that_is_not_a_store(slide, tmp_path):
     with pytest.raises(OutputExistsError, match="refusing"):
         tile_slide(slide[0], folder, mpp_target=0.5, tile_size=256, overlap=32, overwrite=True, progress=False)
     assert (folder / "important.csv").read_text() == "1,2"
+    # --overwrite replaces only what nucli wrote: the user's file stays; an empty file may go
+    with pytest.raises(OutputExistsError, match="refusing to replace .*a file of 7 bytes that nucli did not write"):
+        tile_slide(slide[0], out, mpp_target=0.5, tile_size=256, overlap=32, overwrite=True, progress=False)
+    assert out.read_text() == "keep me"
+    out.write_text("")
     store = tile_slide(slide[0], out, mpp_target=0.5, tile_size=256, overlap=32, overwrite=True, progress=False)
     assert out.is_dir() and store.is_complete("tile")
 

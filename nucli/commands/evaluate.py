@@ -9,7 +9,7 @@ import typer
 
 from nucli.commands._common import handle_errors, interrupt_hint, stderr, stdout
 from nucli.commands._options import JsonSummary, Method, Overwrite, Quiet, Weights
-from nucli.errors import OutputExistsError, UsageError
+from nucli.errors import UsageError
 
 PredArg = Annotated[
     Optional[Path],
@@ -106,9 +106,14 @@ def run(
         used = [name for name, value in dataset_only.items() if value is not None]
         if used:
             raise UsageError(f"{', '.join(used)} only apply with --dataset")
+    from nucli.outputs import check_replaceable, refuse_inputs
+
+    refuse_inputs([("-o", output), ("--csv", csv_path), ("--save-predictions", save_predictions)],
+                  [("the predictions", pred), ("the ground truth", gt), ("the data set", dataset),
+                   ("the weights", weights)])
     for path in (output, csv_path):
-        if path is not None and path.exists() and not overwrite:
-            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+        if path is not None:
+            check_replaceable(path, overwrite)
     if output is not None and csv_path is not None and output.resolve() == csv_path.resolve():
         raise UsageError("-o/--output and --csv must be different files")
 

@@ -52,7 +52,7 @@ def run(
     from nucli.tiling.store import RunStore
 
     outputs = resolve_outputs(output, list(formats or []))
-    check_outputs([*outputs.values(), *([overlay] if overlay else [])], overwrite)
+    check_outputs([*outputs.values(), *([overlay] if overlay else [])], overwrite, inputs=[("the run store", store)])
     run_store = RunStore.open(store, mode="r")
     summary = stitch_to_outputs(run_store, outputs, overlay=overlay, progress=not (quiet or json_summary))
     print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli stitch")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nucli.errors import OutputExistsError, UsageError
+from nucli.errors import UsageError
 from nucli.export._atomic import check_writable
 
 # format name -> suffix written for it (first match wins when reading a suffix)
@@ -81,16 +81,20 @@ def default_store_path(output: Path) -> Path:
     return base.with_name(base.name + STORE_SUFFIX)
 
 
-def check_outputs(paths: list[Path], overwrite: bool) -> None:
-    """Refuse to replace existing outputs unless ``overwrite``; refuse one path for two outputs."""
+def check_outputs(paths: list[Path], overwrite: bool, inputs: list[tuple[str, Path | None]] = ()) -> None:
+    """Before any work: refuse an output that is (or is inside) one of ``inputs`` ((what, path) pairs),
+    one path for two outputs, an existing output without ``overwrite``, and with ``overwrite`` anything
+    nucli did not write (:mod:`nucli.outputs`)."""
+    from nucli.outputs import check_replaceable, refuse_inputs
+
+    refuse_inputs([("output", Path(p)) for p in paths], list(inputs))
     seen: set[Path] = set()
     for p in paths:
         rp = Path(p).resolve()
         if rp in seen:
             raise UsageError(f"{p} is named for two outputs; give each output its own path")
         seen.add(rp)
-        if Path(p).exists() and not overwrite:
-            raise OutputExistsError(f"{p} already exists; pass --overwrite to replace it")
+        check_replaceable(Path(p), overwrite)
         check_writable(Path(p))
 
 

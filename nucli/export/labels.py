@@ -8,7 +8,10 @@ in the measurements table; 0 is background.
 
 Streaming: nuclei arrive row of tiles by row of tiles; a band of rows is held in
 memory and whole chunk-rows are written once no later nucleus can reach them,
-so memory is about (tile size + chunk) x slide width x 4 bytes.
+so memory is about (tile size + chunk) x slide width x 4 bytes. Rows no nucleus reaches are never
+allocated or written (they are the array's fill value, 0), so a sparse 80k x 80k slide costs no more.
+A failure while writing (a full disk) removes the temporary array: nothing partial is left, and an
+existing output at the path is kept unchanged.
 """
 
 from __future__ import annotations
@@ -57,8 +60,16 @@ class LabelImageSink(Sink):
             }
         elif tuple(self.target.shape) != (self.height, self.width):
             raise ValueError(f"label array has shape {self.target.shape}, expected {(self.height, self.width)}")
-        self._buf = np.zeros((0, self.width), np.int32)
-        self._y0 = 0  # first row held in the buffer; rows above it are written
+        self._blocks: dict[tuple[int, int], np.ndarray] = {}  # (chunk row, chunk col) -> painted chunk
+        self._y0 = 0  # rows above it are written
+
+    def _block(self, by: int, bx: int) -> np.ndarray:
+        block = self._blocks.get((by, bx))
+        if block is None:
+            c = self.chunk
+            shape = (min(c, self.height - by * c), min(c, self.width - bx * c))
+            block = self._blocks[(by, bx)] = np.zeros(shape, np.int32)
+        return block
 
     def add(self, nucleus: Any) -> None:
         mask = nucleus.mask
@@ -66,12 +77,15 @@ class LabelImageSink(Sink):
         y1, x1 = y0 + mask.shape[0], x0 + mask.shape[1]
         if y0 < self._y0:
             raise RuntimeError(f"nucleus at row {y0} arrived after rows < {self._y0} were written")
-        need = y1 - self._y0
-        if need > self._buf.shape[0]:
-            grow = np.zeros((need - self._buf.shape[0], self.width), np.int32)
-            self._buf = np.concatenate([self._buf, grow])
-        region = self._buf[y0 - self._y0 : y1 - self._y0, x0:x1]
-        region[mask] = nucleus.label
+        c = self.chunk
+        for by in range(y0 // c, (y1 - 1) // c + 1):
+            for bx in range(x0 // c, (x1 - 1) // c + 1):
+                ya, yb = max(y0, by * c), min(y1, (by + 1) * c)
+                xa, xb = max(x0, bx * c), min(x1, (bx + 1) * c)
+                sub = mask[ya - y0 : yb - y0, xa - x0 : xb - x0]
+                if sub.any():
+                    region = self._block(by, bx)[ya - by * c : yb - by * c, xa - bx * c : xb - bx * c]
+                    region[sub] = nucleus.label
         self.count += 1
 
     def flush(self, y_final: float) -> None:
@@ -82,14 +96,23 @@ class LabelImageSink(Sink):
         self._write_until(y)
 
     def _write_until(self, y: int) -> None:
+        """Write the painted chunks above row ``y`` (a chunk boundary or the height), one chunk at a time:
+        memory holds only chunks that nuclei reached and that are not written yet; chunks no nucleus
+        reached are the array's fill value (0) and are not written at all."""
         if y <= self._y0:
             return
-        n = y - self._y0
-        block = np.zeros((n, self.width), np.int32)
-        have = min(n, self._buf.shape[0])
-        block[:have] = self._buf[:have]
-        self.target[self._y0 : y, :] = block
-        self._buf = self._buf[have:]
+        c = self.chunk
+        written = set()
+        for by, bx in sorted(k for k in self._blocks if min((k[0] + 1) * c, self.height) <= y):
+            block = self._blocks.pop((by, bx))
+            self.target[by * c : by * c + block.shape[0], bx * c : bx * c + block.shape[1]] = block
+            written.add((by, bx))
+        if self.path is None:  # a given array: clear the chunks no nucleus reached
+            for ya in range(self._y0, y, c):
+                for xa in range(0, self.width, c):
+                    if (ya // c, xa // c) not in written:
+                        yb, xb = min(ya + c, y), min(xa + c, self.width)
+                        self.target[ya:yb, xa:xb] = np.zeros((yb - ya, xb - xa), np.int32)
         self._y0 = y
 
     def close(self) -> None:

@@ -106,7 +106,9 @@ class OverlaySink(Sink):
 
         f = AtomicFile(self.path, binary=True)
         try:
-            Image.fromarray(self.canvas).save(f.handle, format="PNG")
+            from nucli.outputs import png_info
+
+            Image.fromarray(self.canvas).save(f.handle, format="PNG", pnginfo=png_info())  # marked as nucli's
         except BaseException:
             f.discard()
             raise

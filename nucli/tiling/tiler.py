@@ -38,6 +38,8 @@ from nucli.tiling.store import ATTR_KEY, FORMAT_VERSION, RunStore
 log = logging.getLogger("nucli.tile")
 
 STAGE = "tile"
+MAX_TILE_SIZE = 8192
+"""Largest tile edge (working px): a batch of such tiles already needs GiBs; beyond, a typo."""
 # Settings that define a store's tiles: a rerun with other values is refused.
 _KEY_SETTINGS = ("fingerprint", "source_mpp", "working_mpp", "downsample", "working_size",
                  "tile_size", "overlap", "tissue_mask")
@@ -127,13 +129,12 @@ def run_tiling(
     as the size of those nuclei calls for (:mod:`nucli.autoscale`).
     """
     from nucli.autoscale import AUTO
-    from nucli import __version__
-    from nucli.slide import open_slide
-    from nucli.tiling import tissue as tissue_mod
+    from nucli.outputs import refuse_inputs
 
     t0 = time.perf_counter()
     source = Path(source).expanduser()
     out = Path(out).expanduser()
+    refuse_inputs([("-o", out)], [("the slide", source)])
     auto = mpp == AUTO
     if auto and mpp_target is not None:
         raise UsageError("--mpp auto and --mpp-target do not go together (auto has no pixel size to aim from)")
@@ -141,10 +142,52 @@ def run_tiling(
         method, need=auto or mpp_target is None or tile_size is None or overlap is None)
     tile_size = int(tile_size if tile_size is not None else defaults.get("tile_size", 512))
     overlap = int(overlap if overlap is not None else defaults.get("overlap", 64))
-    if tile_size < 16:
-        raise UsageError(f"--tile-size must be at least 16 px, got {tile_size}")
+    if not 16 <= tile_size <= MAX_TILE_SIZE:
+        raise UsageError(f"--tile-size must be between 16 and {MAX_TILE_SIZE} px, got {tile_size}")
     if not 0 <= overlap < tile_size:
         raise UsageError(f"--overlap must be in [0, tile size {tile_size}), got {overlap}")
+
+    created: list[Path] = []
+    try:
+        return _run_tiling(source, out, created, auto=auto, mpp=mpp, mpp_target=mpp_target, method_name=method_name,
+                           defaults=defaults, tile_size=tile_size, overlap=overlap, tissue_mask=tissue_mask,
+                           overwrite=overwrite, progress=progress, workers=workers, scale_method=scale_method,
+                           t0=t0)
+    except BaseException:
+        for folder in reversed(created):  # only empty ones: never what another run put there meanwhile
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create ``out``'s missing parent folders; the ones this call made, top first."""
+    missing = []
+    p = out.parent
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    made = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+            made.append(folder)
+        except FileExistsError:
+            pass  # made by another run at the same moment
+        except OSError as exc:
+            for f in reversed(made):
+                with contextlib.suppress(OSError):
+                    f.rmdir()
+            raise InputError(f"cannot write the run store {out}: {exc.strerror or exc}") from None
+    return made
+
+
+def _run_tiling(source: Path, out: Path, created: list[Path], *, auto: bool, mpp, mpp_target, method_name,
+                defaults, tile_size: int, overlap: int, tissue_mask: bool, overwrite: bool, progress: bool,
+                workers, scale_method, t0: float) -> TileReport:
+    from nucli import __version__
+    from nucli.slide import open_slide
+    from nucli.tiling import tissue as tissue_mod
 
     with open_slide(source, mpp=None if auto else mpp) as slide, contextlib.ExitStack() as lock_stack:
         # the tissue overview, read once (the --mpp auto probe and the tile selection both use it)
@@ -188,12 +231,14 @@ def run_tiling(
             "tissue_mask": bool(tissue_mask),
         }
 
-        # a second writer (another `nucli tile`, a segment run, --shard processes) is refused;
-        # with no folder yet nobody can be writing there, and the store appears by rename
-        if out.parent.is_dir():
-            from nucli.parallel.locks import StoreLock
+        # a second writer (another `nucli tile`, a segment run, --shard processes) is refused. The folder
+        # is made first (mkdir is atomic: two runs into a new folder meet at the lock); folders made here
+        # are removed again, if still empty, when the run fails
+        from nucli.parallel.locks import StoreLock
 
-            lock_stack.enter_context(StoreLock(out))
+        check_writable(out)
+        created.extend(_make_parents(out))
+        lock_stack.enter_context(StoreLock(out))
         existing = _inspect_output(out, settings, overwrite)
         if existing is not None:
             store = existing
@@ -341,10 +386,13 @@ def _is_zarr_dir(path: Path) -> bool:
 
 
 def _inspect_output(out: Path, settings: dict[str, Any], overwrite: bool) -> RunStore | None:
-    """A compatible store to resume, or None to create one (refusing what must not be replaced)."""
+    """A compatible store to resume, or None to create one (refusing what must not be replaced:
+    with ``overwrite`` only what nucli wrote, :func:`nucli.outputs.check_replaceable`)."""
+    from nucli.outputs import check_replaceable, nucli_wrote
+
     if not out.exists() and not out.is_symlink():
         return None
-    if _is_zarr_dir(out):
+    if _is_zarr_dir(out) and nucli_wrote(out):
         try:
             store = RunStore.open(out, mode="r+")
         except StoreError:
@@ -366,8 +414,7 @@ def _inspect_output(out: Path, settings: dict[str, Any], overwrite: bool) -> Run
     if not overwrite:
         raise OutputExistsError(f"{out} already exists and is not a nucli run store; "
                                 "choose another -o or pass --overwrite")
-    if out.is_dir() and any(out.iterdir()):
-        raise OutputExistsError(f"refusing to replace {out}: it is a non-empty directory that is not a run store")
+    check_replaceable(out, overwrite)
     return None
 
 
@@ -398,10 +445,7 @@ def _create_store(out: Path, meta: dict[str, Any], grid: TileGrid, tiles: list[t
                   ds: float, overwrite: bool) -> RunStore:
     """Plan the store in a temp dir beside ``out`` and move it into place."""
     tmp = _temp_path(out, "partial")
-    created = out.parent
-    while not created.parent.exists():
-        created = created.parent
-    created = None if created.exists() else created  # the top folder this run creates, if any
+    created = None  # folders made for the store are removed by run_tiling when empty
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(out)
