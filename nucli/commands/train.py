@@ -40,7 +40,7 @@ class Preset(str, Enum):
 @_resume_hint
 def run(
     output: Output,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Training data: DIR/images/*.png + DIR/labels/*.tif.")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option("--data", help="Training data: DIR/images/*.png + DIR/labels/*.tif; or, repeated, sets with train/, val/ and index.json (or a .json manifest of {path, weight}): trained together at one working scale.")] = None,
     method: Method = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation data (same layout), for model selection.")] = None,
     preset: Annotated[Preset, typer.Option("--preset", help="cpu: narrow, ~1 h on 2 cores; cpu-long (gensegnet): cpu plus a second GAN phase and a longer fine-tune, ~3 h; paper: the paper's widths/epochs.")] = Preset.cpu,
@@ -48,6 +48,9 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints in OUTDIR.")] = False,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="gensegnet: also fine-tune the U-Net on generator outputs (kept only if better on val).")] = True,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads.")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="several sets: weights to start from (default: the shipped weights of the method).")] = None,
+    stain_aug: Annotated[bool, typer.Option("--stain-aug/--no-stain-aug", help="several sets: HED stain, simulated IHC, blur/JPEG/noise augmentation.")] = True,
+    batch: Annotated[Optional[int], typer.Option("--batch", min=1, max=64, help="several sets: crops per step (default 6 gensegnet, 4 harunet).")] = None,
     # --- mcf only (templates instead of labels) ---
     templates: Annotated[Optional[Path], typer.Option("--templates", help="mcf: folder of nucleus crops, or a GeoJSON of points/boxes (with --template-image).")] = None,
     template_image: Annotated[Optional[Path], typer.Option("--template-image", help="mcf: the image a --templates GeoJSON was drawn on.")] = None,
@@ -98,6 +101,18 @@ def run(
                          "(write pairs with --method synth and train on them instead)")
     if preset is Preset.cpu_long and (name != "gensegnet" or synth is not None):
         raise UsageError(f"--preset cpu-long is for --method gensegnet; '{name}' has cpu and paper")
+    data_list = list(data or [])
+    if data_list and _is_multiset(data_list):
+        if name not in ("gensegnet", "harunet"):
+            raise UsageError(f"training on several sets supports --method gensegnet and harunet, not '{name}'")
+        if val is not None:
+            raise UsageError("with sets (train/ + val/ + index.json) each set's val/ is used; drop --val")
+        _train_multi(name, data_list, Path(output), init, steps, batch, stain_aug, resume, overwrite, threads, seed,
+                     quiet, json_summary)
+        return
+    if len(data_list) > 1:
+        raise UsageError("several --data folders must each be a set with train/ and val/ (like ../shared/data/monuseg)")
+    data = data_list[0] if data_list else None
     for d, what in ((data, "--data"), (val, "--val")):
         if d is not None and not (Path(d) / "images").is_dir():
             raise InputError(f"{what} {d} must hold images/ and labels/ folders (like dsb2018/train)")
@@ -151,6 +166,40 @@ def run(
                    "wall seconds": summary["wall_s"],
                    **{f"val {k} AJI": (v.get("val") or {}).get("aji") for k, v in summary["candidates"].items()}},
                   as_json=json_summary, quiet=quiet, title="nucli train")
+
+
+def _is_multiset(items: list[Path]) -> bool:
+    """Sets (DIR/train/images) or manifests rather than one DIR/images folder."""
+    return any(Path(d).suffix.lower() == ".json" or (Path(d) / "train" / "images").is_dir() for d in items)
+
+
+def _train_multi(name, data, output, init, steps, batch, stain_aug, resume, overwrite, threads, seed, quiet,
+                 json_summary) -> None:
+    from nucli.models.registry import get_spec
+    from nucli.training import multiset as ms
+    from nucli.training.multiset_train import train_multi
+
+    sets = ms.parse_data_args(data)
+    init = Path(init) if init is not None else get_spec(name).weights_path
+    if init is None or not Path(init).is_file():
+        raise InputError(f"--init {init}: weights file not found")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"-o {output} exists and is not a folder")
+    if output.exists() and any(output.iterdir()) and not (resume or overwrite):
+        raise OutputExistsError(f"{output} is not empty; pass --resume to continue or --overwrite to start over")
+    if overwrite and not resume and output.exists():
+        for f in output.glob("*.ckpt.safetensors"):
+            f.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    with _progress(quiet) as progress:
+        report = (lambda s, n, parts: progress(name, s, n)) if progress else None
+        summary = train_multi(name, sets, output, Path(init), steps=steps or 2000,
+                              batch=batch or (6 if name == "gensegnet" else 4), stain_aug=stain_aug, seed=seed,
+                              resume=resume, threads=threads, progress=report)
+    rows = {"weights": summary["weights"], "steps": summary["steps"], "best step": summary["best_step"],
+            "wall seconds": summary["wall_s"]}
+    rows.update({f"val {k} AJI": round(v["aji"], 4) for k, v in summary["val_crops"].items()})
+    print_summary(rows, as_json=json_summary, quiet=quiet, title="nucli train")
 
 
 class SynthMode(str, Enum):
