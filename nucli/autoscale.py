@@ -8,8 +8,11 @@ body. ``auto`` therefore segments the image (or a few tiles of a slide) once at
 its own resolution, takes the median equivalent diameter of the nuclei found,
 and enlarges the image when that median is below a ratio times the method's
 typical nucleus diameter (``nucleus_diameter_px``). The zoom is the ratio,
-snapped to the nearest of :data:`LADDER` on a log scale. It never shrinks an
-image: on DSB2018 val, shrinking images of large nuclei lost more than it won.
+snapped to the nearest of :data:`LADDER` on a log scale. Weights trained at one
+working scale (their config holds ``params.auto_scale``, see
+:mod:`nucli.training.multiset`) also shrink images whose nuclei are large
+(:data:`SHRINK_LADDER`): they were trained on images brought to that nucleus size.
+Older weights never shrink: on DSB2018 val, shrinking lost them more than it won.
 
 The ratio is the method's own, chosen on ``dsb2018/val`` only with its shipped
 weights (``benchmarks/autoscale_rule.py`` reruns the choice), and adopted only
@@ -33,6 +36,8 @@ log = logging.getLogger("nucli.autoscale")
 AUTO = "auto"
 #: zoom factors the rule may pick (working px per input px)
 LADDER = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+#: weights trained at one working scale (``params.auto_scale`` in their config) may also be shrunk
+SHRINK_LADDER = (0.25, 0.35, 0.5, 0.6, 0.7, 0.85)
 #: per method: enlarge until the median nucleus is about ratio * nucleus_diameter_px across
 AUTO_RATIOS: dict[str, float] = {"gensegnet": 1.6}
 #: fewer nuclei than this in the first pass: keep the image as it is
@@ -64,40 +69,66 @@ def diameters(labels: np.ndarray) -> np.ndarray:
     return np.sqrt(4.0 * areas / math.pi)
 
 
-def zoom_for(median_diameter: float | None, n_nuclei: int, reference_px: float) -> float:
-    """The rule: zoom = reference / median diameter, at least 1, snapped to :data:`LADDER`."""
+def zoom_for(median_diameter: float | None, n_nuclei: int, reference_px: float, shrink: bool = False) -> float:
+    """The rule: zoom = reference / median diameter, snapped to :data:`LADDER` (and, with
+    ``shrink``, :data:`SHRINK_LADDER`); without ``shrink`` never below 1."""
     if median_diameter is None or n_nuclei < MIN_NUCLEI or median_diameter <= 0:
         return 1.0
-    want = max(1.0, reference_px / median_diameter)
-    return min(LADDER, key=lambda z: abs(math.log(z) - math.log(want)))
+    want = reference_px / median_diameter
+    ladder = SHRINK_LADDER + LADDER if shrink else LADDER
+    if not shrink:
+        want = max(1.0, want)
+    return min(ladder, key=lambda z: abs(math.log(z) - math.log(want)))
+
+
+def _own_rule(config: Any) -> dict[str, Any] | None:
+    rule = (getattr(config, "params", None) or {}).get("auto_scale")
+    return rule if isinstance(rule, dict) else None
 
 
 def ratio_for(config: Any) -> float | None:
-    """The method's auto-zoom ratio, or None (never enlarged)."""
+    """The method's auto-zoom ratio, or None (never rescaled).
+
+    Weights trained at one working scale carry their own rule (``params.auto_scale``:
+    ratio 1, i.e. bring the median nucleus to the training reference size, enlarging or
+    shrinking); older weights use :data:`AUTO_RATIOS` (enlarge only).
+    """
+    rule = _own_rule(config)
+    if rule is not None:
+        try:
+            return float(rule.get("ratio", 1.0))
+        except (TypeError, ValueError):
+            return None
     return AUTO_RATIOS.get(getattr(config, "name", ""))
 
 
-def estimate(label_images: Iterable[np.ndarray], nucleus_diameter_px: float, ratio: float) -> ScaleEstimate:
+def shrinks(config: Any) -> bool:
+    rule = _own_rule(config)
+    return bool(rule and rule.get("shrink", True))
+
+
+def estimate(label_images: Iterable[np.ndarray], nucleus_diameter_px: float, ratio: float,
+             shrink: bool = False) -> ScaleEstimate:
     """Zoom from first-pass label images (at the input's own resolution)."""
     d = [diameters(lab) for lab in label_images]
     all_d = np.concatenate(d) if d else np.zeros(0)
     med = float(np.median(all_d)) if all_d.size else None
     ref = float(ratio) * float(nucleus_diameter_px)
-    return ScaleEstimate(zoom_for(med, int(all_d.size), ref), med, int(all_d.size), ref)
+    return ScaleEstimate(zoom_for(med, int(all_d.size), ref, shrink), med, int(all_d.size), ref)
 
 
 def estimate_for(config: Any, label_images: Iterable[np.ndarray]) -> ScaleEstimate | None:
     """:func:`estimate` with the method's own ratio; None for a method without one."""
     ratio = ratio_for(config)
-    return None if ratio is None else estimate(label_images, config.nucleus_diameter_px, ratio)
+    return None if ratio is None else estimate(label_images, config.nucleus_diameter_px, ratio, shrinks(config))
 
 
 def resize_rgb(rgb: np.ndarray, zoom: float) -> np.ndarray:
-    """(H, W, 3) uint8 enlarged ``zoom`` times (bilinear)."""
+    """(H, W, 3) uint8 resized ``zoom`` times (bilinear; anti-aliased when shrinking)."""
     from skimage.transform import resize
 
     h, w = rgb.shape[:2]
-    out = resize(rgb, (max(1, round(h * zoom)), max(1, round(w * zoom))), order=1, anti_aliasing=False,
+    out = resize(rgb, (max(1, round(h * zoom)), max(1, round(w * zoom))), order=1, anti_aliasing=zoom < 1,
                  preserve_range=True)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 

@@ -31,11 +31,11 @@ def run(
     pred: PredArg = None,
     gt: GtArg = None,
     dataset: Annotated[
-        Optional[Path],
+        Optional[list[Path]],
         typer.Option(
             "--dataset",
             help="Run --method over DIR/images/*.png and score against DIR/labels/<id>.tif "
-            "(instead of PRED GT).",
+            "(instead of PRED GT). Repeat for several sets: one row per set and the mean over sets.",
         ),
     ] = None,
     method: Method = None,
@@ -87,6 +87,9 @@ def run(
       The default method, enlarging images of small nuclei first:
       nucli evaluate --dataset dsb2018/test --mpp auto
 
+      One row per set and the mean over sets:
+      nucli evaluate --dataset monuseg/val --dataset dsb2018/test --dataset bitdepth_nucseg/val
+
       A quick check on the first 10 images:
       nucli evaluate --dataset dsb2018/test --method watershed --limit 10
     """
@@ -94,6 +97,10 @@ def run(
     from nucli.evaluation import evaluate_dataset, evaluate_paths
     from nucli.evaluation.labels_io import write_text_atomic
 
+    datasets = list(dataset or [])
+    dataset = datasets[0] if datasets else None
+    if len(datasets) > 1 and save_predictions is not None:
+        raise UsageError("--save-predictions takes one --dataset at a time")
     if dataset is not None and (pred is not None or gt is not None):
         raise UsageError("give either PRED GT or --dataset DIR, not both")
     if dataset is None:
@@ -109,7 +116,8 @@ def run(
     from nucli.outputs import check_replaceable, refuse_inputs
 
     refuse_inputs([("-o", output), ("--csv", csv_path), ("--save-predictions", save_predictions)],
-                  [("the predictions", pred), ("the ground truth", gt), ("the data set", dataset),
+                  [("the predictions", pred), ("the ground truth", gt),
+                   *[("the data set", d) for d in datasets],
                    ("the weights", weights)])
     for path in (output, csv_path):
         if path is not None:
@@ -118,6 +126,17 @@ def run(
         raise UsageError("-o/--output and --csv must be different files")
 
     show_progress = not (quiet or json_summary)
+    if len(datasets) > 1:
+        from nucli.evaluation.report import MultiSetReport
+
+        reports = []
+        for d in datasets:
+            with _Progress(show_progress) as progress:
+                reports.append(evaluate_dataset(d, method, weights=weights, limit=limit, modality=modality,
+                                                allow_missing=allow_missing, on_image=progress.update,
+                                                mpp=parse_mpp(mpp)))
+        _finish(MultiSetReport(reports), output, csv_path, json_summary, quiet, per_image)
+        return
     with _Progress(show_progress) as progress:
         if dataset is not None:
             report = evaluate_dataset(
@@ -154,6 +173,49 @@ def run(
             stderr().print(
                 f"[yellow]Skipped {len(report.skipped)} image(s) without a counterpart.[/]", highlight=False
             )
+
+
+def _finish(multi: Any, output: Optional[Path], csv_path: Optional[Path], json_summary: bool, quiet: bool,
+            per_image: bool) -> None:
+    """Several sets: write -o / --csv, print JSON or one row per set plus the mean over sets."""
+    import json
+    import sys
+
+    from nucli.evaluation.labels_io import write_text_atomic
+    from nucli.evaluation.report import MEAN_KEY
+
+    data = multi.to_dict()
+    if output is not None:
+        write_text_atomic(json.dumps(data, indent=2, default=str) + "\n", output)
+    if csv_path is not None:
+        write_text_atomic(multi.to_csv(), csv_path)
+    if json_summary:
+        sys.stdout.write(json.dumps(data, default=str) + "\n")
+        return
+    if quiet:
+        return
+    if per_image:
+        for r in multi.reports:
+            _print_table(r, True)
+    from rich import box
+    from rich.table import Table
+
+    from nucli.metrics import METRIC_TITLES
+
+    cols = multi.SET_METRICS
+    table = Table(title=f"nucli evaluate: method {data.get('method')}, mean over images of each set",
+                  title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("set", no_wrap=True)
+    table.add_column("images", justify="right")
+    for m in cols:
+        table.add_column(METRIC_TITLES[m], justify="right")
+    for name, agg in multi.rows():
+        table.add_row(name, str(agg["n_images"]), *[f"{agg[MEAN_KEY][m]:.4f}" for m in cols])
+    table.add_section()
+    mean = multi.mean_over_sets()
+    table.add_row("mean over sets", str(sum(a["n_images"] for _, a in multi.rows())),
+                  *[f"{mean[m]:.4f}" for m in cols])
+    stdout().print(table)
 
 
 class _Progress:

@@ -117,3 +117,53 @@ def _fmt(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:.6f}"
     return value
+
+
+def set_name(path: Any) -> str:
+    """A data set's display name: ``monuseg/val`` for ``.../monuseg/val``."""
+    from pathlib import Path
+
+    p = Path(str(path))
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+@dataclass
+class MultiSetReport:
+    """Several data sets scored with one method: one row per set and the mean over sets."""
+
+    reports: list[EvalReport]
+
+    SET_METRICS = ("aji", "aji_plus", "dice", "pq", "f1")
+
+    def rows(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(set_name(r.info.get("dataset", "?")), r.aggregate) for r in self.reports]
+
+    def mean_over_sets(self) -> dict[str, float]:
+        """Each set counted once: the mean of the sets' mean-over-images metrics."""
+        aggs = [r.aggregate[MEAN_KEY] for r in self.reports]
+        return {k: float(sum(a[k] for a in aggs) / len(aggs)) for k in METRICS} if aggs else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        from nucli import __version__
+
+        first = self.reports[0].info if self.reports else {}
+        return {
+            "nucli_version": __version__,
+            "mode": "datasets",
+            "method": first.get("method"),
+            "weights": first.get("weights"),
+            "sets": [{"set": name, "n_images": agg["n_images"], MEAN_KEY: agg[MEAN_KEY]} for name, agg in self.rows()],
+            "mean_over_sets": self.mean_over_sets(),
+            "reports": [r.to_dict() for r in self.reports],
+        }
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["set", "n_images"] + list(METRICS))
+        for name, agg in self.rows():
+            writer.writerow([name, agg["n_images"]] + [_fmt(agg[MEAN_KEY][k]) for k in METRICS])
+        mean = self.mean_over_sets()
+        writer.writerow(["mean over sets", sum(a["n_images"] for _, a in self.rows())]
+                        + [_fmt(mean[k]) for k in METRICS])
+        return buf.getvalue()

@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -197,6 +197,35 @@ def _load_index(dataset: Path) -> dict[str, str]:
     return {}
 
 
+def _load_mpps(dataset: Path) -> dict[str, float]:
+    """id -> pixel size (µm/px) from the index rows that have a usable ``mpp``."""
+    for candidate in (dataset / "index.json", dataset.parent / "index.json"):
+        if candidate.is_file():
+            try:
+                rows = json.loads(candidate.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return {}
+            out = {}
+            for r in rows if isinstance(rows, list) else []:
+                v = r.get("mpp") if isinstance(r, dict) else None
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and 0.01 <= float(v) <= 20.0:
+                    out[str(r.get("id"))] = float(v)
+            return out
+    return {}
+
+
+def segment_at_mpp(method: Any, image: np.ndarray, image_mpp: float) -> tuple[np.ndarray, float]:
+    """Segment an image of known pixel size at the method's working pixel size; labels at the image's size."""
+    from nucli.autoscale import resize_rgb, shrink_labels
+
+    zoom = float(image_mpp) / float(method.config.mpp)
+    zoom = min(max(zoom, 0.125), 8.0)
+    if abs(zoom - 1.0) < 1e-3:
+        return np.asarray(method.segment(image[None])[0].labels), 1.0
+    labels = np.asarray(method.segment(resize_rgb(image, zoom)[None])[0].labels)
+    return shrink_labels(labels, image.shape[:2]), zoom
+
+
 def dataset_items(
     dataset: Path, *, limit: int | None = None, modality: str | None = None, allow_missing: bool = False
 ) -> tuple[list[DatasetItem], list[str]]:
@@ -256,9 +285,11 @@ def evaluate_dataset(
 
     Each image is segmented whole (no tiling), as RGB uint8. Run time is the
     method's own time per image (reading and scoring excluded); the first
-    image includes any one-off warm-up. ``mpp="auto"``: each image is enlarged
-    as far as its own nuclei call for (:mod:`nucli.autoscale`); the time then
-    includes the first pass.
+    image includes any one-off warm-up. An image whose pixel size is in the set's
+    ``index.json`` (``mpp``) is resampled to the method's working pixel size and its
+    labels brought back to the image's size. ``mpp="auto"``: each image without a
+    pixel size is rescaled as far as its own nuclei call for (:mod:`nucli.autoscale`);
+    the time then includes the first pass.
     """
     from nucli.autoscale import AUTO, ratio_for, segment_image_auto
     from nucli.models.registry import build_method
@@ -278,8 +309,10 @@ def evaluate_dataset(
                 f"({_listing(clash)}); pass --overwrite to replace them"
             )
     method = build_method(method_name, weights=weights)
+    mpps = _load_mpps(Path(dataset))
     rows = []
     zooms: list[float] = []
+    mpp_zooms: list[float] = []
     for i, item in enumerate(items):
         image = read_rgb(item.image)
         true = read_raster(item.labels)
@@ -289,7 +322,10 @@ def evaluate_dataset(
                 f"({image.shape[1]}x{image.shape[0]})"
             )
         t0 = time.perf_counter()
-        if mpp == AUTO:
+        if item.id in mpps:  # the index gives the pixel size: work at the method's own
+            pred, z = segment_at_mpp(method, image, mpps[item.id])
+            mpp_zooms.append(z)
+        elif mpp == AUTO:
             pred, est = segment_image_auto(method, image)
             zooms.append(1.0 if est is None else est.zoom)
         else:
@@ -315,8 +351,12 @@ def evaluate_dataset(
         "modality": modality,
         "method_config": method.config.to_dict(),
     }
+    if mpp_zooms:
+        info["pixel_size_from_index"] = {"images": len(mpp_zooms), "working_mpp": float(method.config.mpp),
+                                         "median_zoom": round(float(np.median(mpp_zooms)), 4)}
     if mpp == AUTO:
         info["mpp"] = AUTO
         info["auto_zoom"] = {"ratio": ratio_for(method.config),"images_enlarged": int(sum(z > 1 for z in zooms)),
+                             "images_shrunk": int(sum(z < 1 for z in zooms)),
                              "zooms": {str(z): zooms.count(z) for z in sorted(set(zooms))}}
     return EvalReport(rows, info, skipped)
