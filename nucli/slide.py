@@ -38,6 +38,7 @@ import hashlib
 import logging
 import math
 import os
+import stat
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -70,10 +71,40 @@ MAX_SIDE = 1 << 20
 """Largest slide width/height accepted (a 1,048,576 px side is > 100 mm at 0.1 µm/px): beyond, the header is damaged."""
 
 _FINGERPRINT_BYTES = 64 * 1024
+FINGERPRINT_SAMPLES = 64
+"""Blocks of 64 KiB hashed, evenly spread from the first byte to the last (4 MiB of any file; smaller
+files are hashed whole)."""
+MIN_MPP, MAX_MPP = 0.01, 20.0
+"""Pixel sizes (µm/px) a microscope image can have: finer is below any optics' resolution, coarser than
+a 1x scan. Metadata outside is not a microscope pixel size (e.g. a 72 dpi TIFF tag, 352.8 µm/px) and is
+ignored with a warning; options outside are usage errors."""
+MAX_UPSAMPLE = 16.0
+"""Most a slide is enlarged for the working pixel size; beyond, the pixel sizes are surely wrong."""
 
 
 # ---------------------------------------------------------------------- pixel helpers
 def _fingerprint(path: Path) -> str:
+    """File size + SHA-256 of :data:`FINGERPRINT_SAMPLES` blocks spread over the whole file (``SIZE-s-HASH``).
+
+    Two slides of one size that share their first and last bytes still differ in the blocks between;
+    reading 4 MiB costs the same for a 100 MB and a 10 GB slide. Copies and renamed files agree.
+    """
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if size <= _FINGERPRINT_BYTES * FINGERPRINT_SAMPLES:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        else:
+            last = size - _FINGERPRINT_BYTES
+            for k in range(FINGERPRINT_SAMPLES):
+                fh.seek(k * last // (FINGERPRINT_SAMPLES - 1))
+                h.update(fh.read(_FINGERPRINT_BYTES))
+    return f"{size}-s-{h.hexdigest()[:32]}"
+
+
+def _legacy_fingerprint(path: Path) -> str:
+    """The fingerprint of stores made before sampled blocks: size + first and last 64 KiB."""
     size = path.stat().st_size
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -132,8 +163,14 @@ class Slide:
     def __init__(self, path: Path, backend: _Backend, mpp: float | None = None):
         self.path = path
         self._b = backend
-        self.metadata_mpp = backend.mpp
-        self.mpp = float(mpp) if mpp is not None else backend.mpp
+        meta_mpp = backend.mpp
+        if meta_mpp is not None and not (MIN_MPP <= meta_mpp <= MAX_MPP):
+            log.warning("%s: the metadata's pixel size %.4g µm/px is not a microscope pixel size (outside %g-%g; "
+                        "e.g. a screen or print resolution); treating the image as having no pixel size "
+                        "(pass --mpp to set it)", path, meta_mpp, MIN_MPP, MAX_MPP)
+            meta_mpp = None
+        self.metadata_mpp = meta_mpp
+        self.mpp = float(mpp) if mpp is not None else meta_mpp
 
     # -- description
     @property
@@ -170,8 +207,17 @@ class Slide:
 
     @cached_property
     def fingerprint(self) -> str:
-        """File size + SHA-256 of its first and last 64 KiB (survives copying; not mtime)."""
+        """File size + SHA-256 of 64 blocks spread over the file (survives copying; not mtime)."""
         return _fingerprint(self.path)
+
+    def has_fingerprint(self, fingerprint: str | None) -> bool:
+        """True when ``fingerprint`` (as a run store recorded it) is this file's; stores made before
+        sampled fingerprints recorded size + first and last 64 KiB, and are checked that way."""
+        if not fingerprint:
+            return False
+        if "-s-" in fingerprint:
+            return fingerprint == self.fingerprint
+        return fingerprint == _legacy_fingerprint(self.path)
 
     @cached_property
     def dark_background(self) -> bool:
@@ -223,6 +269,9 @@ class Slide:
             return None
         if not (target_mpp > 0 and math.isfinite(target_mpp)):
             raise UsageError(f"--mpp-target must be a positive number, got {target_mpp}")
+        if not MIN_MPP <= target_mpp <= MAX_MPP:
+            raise UsageError(f"--mpp-target {target_mpp:g} µm/px is not a microscope pixel size; "
+                             f"give one between {MIN_MPP:g} and {MAX_MPP:g}")
         d = target_mpp / self.mpp
         n = round(d)
         if n >= 1 and abs(d - n) <= SNAP_TOLERANCE * n:
@@ -236,6 +285,11 @@ class Slide:
         if self.mpp is None:
             raise InputError(f"{self.path} has no pixel size in its metadata; pass --mpp")
         d = float(working_mpp) / self.mpp
+        if not (math.isfinite(d) and d >= 1.0 / MAX_UPSAMPLE):
+            src = "--mpp" if self.mpp != self.metadata_mpp else "the slide's metadata"
+            raise UsageError(f"{self.path.name}: working at {working_mpp:.4g} µm/px would enlarge the slide "
+                             f"{1 / d:.3g}x (its pixel size {self.mpp:.4g} µm/px, from {src}); nucli enlarges "
+                             f"at most {MAX_UPSAMPLE:g}x: check --mpp and --mpp-target")
         n = round(d)
         if n >= 1 and abs(d - n) <= 1e-6 * n:
             return float(n)
@@ -370,7 +424,10 @@ def _check_path(path: Path) -> None:
     if path.is_dir():
         raise InputError(f"{path} is a directory; pass a slide or image file")
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block every read until someone writes into it
+            raise InputError(f"{path} is not a regular file (a FIFO, socket or device); pass a slide or image file")
         with open(path, "rb"):
             pass
     except OSError as exc:
@@ -388,6 +445,9 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
     path = Path(path).expanduser()
     if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
         raise UsageError(f"--mpp must be a positive number of µm per pixel, got {mpp}")
+    if mpp is not None and not MIN_MPP <= mpp <= MAX_MPP:
+        raise UsageError(f"--mpp {mpp:g} µm/px is not a microscope pixel size; give one between {MIN_MPP:g} and "
+                         f"{MAX_MPP:g}")
     _check_path(path)
     kind = _sniff(path)
     why: list[str] = []

@@ -434,8 +434,8 @@ def stitch_store(store: RunStore, sinks: Sequence[Sink] = (), *, progress: bool 
     opened: list[Sink] = []
     try:
         for s in sinks:
+            opened.append(s)  # before open(): a sink that fails while opening removes what it began
             s.open(frame)
-            opened.append(s)
         band = _Band()
         next_label = 1
 

@@ -47,17 +47,21 @@ class LabelImageSink(Sink):
 
             self._tmp = temp_dir_for(self.path)
             c = self.chunk
-            self.target = zarr.create_array(store=str(self._tmp), shape=(self.height, self.width),
-                                            chunks=(min(c, self.height), min(c, self.width)),
-                                            dtype="int32", fill_value=0, zarr_format=3, overwrite=True)
-            self.target.attrs["nucli"] = {
-                "kind": "label-image",
-                "downsample": float(frame.downsample),
-                "working_mpp": frame.um_per_px,
-                "level0_size": list(frame.level0_size),
-                "source_fingerprint": frame.fingerprint,
-                "method": frame.method,
-            }
+            try:  # a failure here (a full disk) happens before the stitch knows this sink is open
+                self.target = zarr.create_array(store=str(self._tmp), shape=(self.height, self.width),
+                                                chunks=(min(c, self.height), min(c, self.width)),
+                                                dtype="int32", fill_value=0, zarr_format=3, overwrite=True)
+                self.target.attrs["nucli"] = {
+                    "kind": "label-image",
+                    "downsample": float(frame.downsample),
+                    "working_mpp": frame.um_per_px,
+                    "level0_size": list(frame.level0_size),
+                    "source_fingerprint": frame.fingerprint,
+                    "method": frame.method,
+                }
+            except BaseException:
+                self.abort()
+                raise
         elif tuple(self.target.shape) != (self.height, self.width):
             raise ValueError(f"label array has shape {self.target.shape}, expected {(self.height, self.width)}")
         self._blocks: dict[tuple[int, int], np.ndarray] = {}  # (chunk row, chunk col) -> painted chunk

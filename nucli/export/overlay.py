@@ -1,4 +1,8 @@
-"""Overlay picture: a downsampled view of the slide with every nucleus outlined.
+"""Overlay picture: a downsampled view of the slide with every nucleus (and cell) outlined.
+
+Nuclei are outlined in green, or, with ``--positivity``, in the colour of their
+class (QuPath's: Positive red, Negative blue, 1+ yellow, 2+ orange, 3+ red);
+cell boundaries (``--objects cells``) in cyan.
 
 Built in the same pass as the other exports: each tile's owned region is
 shrunk into a canvas (longest side at most ``max_side`` px), then each nucleus'
@@ -20,6 +24,7 @@ from nucli.export._atomic import AtomicFile
 
 MAX_SIDE = 4096
 CONTOUR_RGB = (0, 255, 0)
+CELL_RGB = (0, 200, 255)
 NOT_TILED_RGB = (200, 200, 200)  # areas without a stored tile when the slide cannot be read
 WASH = 0.5  # share of white mixed into the slide where no tile was analysed
 
@@ -40,7 +45,7 @@ def slide_background(frame: Any, shape: tuple[int, int]) -> np.ndarray | None:
         from nucli.slide import open_slide
 
         with open_slide(path) as slide:
-            if slide.fingerprint != frame.fingerprint:
+            if not slide.has_fingerprint(frame.fingerprint):
                 return None
             thumb = slide.thumbnail(max(shape))
         h, w = shape
@@ -93,12 +98,26 @@ class OverlaySink(Sink):
             part = resize(part, (Y1 - Y0, X1 - X0), order=1, anti_aliasing=s < 1.0, preserve_range=True)
         self.canvas[Y0:Y1, X0:X1] = np.asarray(part).astype(np.uint8)
 
-    def add(self, nucleus: Any) -> None:
+    def _draw(self, ring: Any, color: np.ndarray) -> None:
         k = self.scale / self.downsample  # canvas px per level-0 px
-        xy = np.asarray(nucleus.polygon.exterior.coords) * k - 0.5  # pixel centres at integers
+        xy = np.asarray(ring.coords) * k - 0.5  # pixel centres at integers
         rr, cc = outline_pixels(np.round(xy[:, 1]).astype(int), np.round(xy[:, 0]).astype(int),
                                 self.canvas.shape[:2])
-        self.canvas[rr, cc] = self.color
+        self.canvas[rr, cc] = color
+
+    def add(self, nucleus: Any) -> None:
+        cell = getattr(nucleus, "cell", None)
+        if cell is not None:
+            for ring in [cell.exterior, *cell.interiors]:
+                self._draw(ring, np.array(CELL_RGB, np.uint8))
+        name = getattr(nucleus, "classification", None)
+        if name:
+            from nucli.export.positivity import CLASS_COLORS
+
+            color = np.array(CLASS_COLORS[name], np.uint8)
+        else:
+            color = self.color
+        self._draw(nucleus.polygon.exterior, color)
         self.count += 1
 
     def close(self) -> None:

@@ -239,7 +239,7 @@ def _run_tiling(source: Path, out: Path, created: list[Path], *, auto: bool, mpp
         check_writable(out)
         created.extend(_make_parents(out))
         lock_stack.enter_context(StoreLock(out))
-        existing = _inspect_output(out, settings, overwrite)
+        existing = _inspect_output(out, settings, overwrite, slide.has_fingerprint)
         if existing is not None:
             store = existing
             status = "resumed"
@@ -364,10 +364,15 @@ def _method_defaults(method: str | None, need: bool) -> tuple[str | None, dict[s
     return spec.name, {"mpp": cfg.mpp, "tile_size": cfg.tile_size, "overlap": cfg.overlap}
 
 
-def _differences(meta: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+def _differences(meta: dict[str, Any], settings: dict[str, Any], same_slide=None) -> list[str]:
+    """The key settings that differ; ``same_slide(fingerprint)`` tells whether a store's recorded
+    fingerprint is the slide's (older stores recorded another kind of fingerprint)."""
     have = dict(meta)
     have["fingerprint"] = (meta.get("source") or {}).get("fingerprint")
     diffs = []
+    if same_slide is not None and have["fingerprint"] != settings.get("fingerprint"):
+        if isinstance(have["fingerprint"], str) and same_slide(have["fingerprint"]):
+            have["fingerprint"] = settings.get("fingerprint")
     for key in _KEY_SETTINGS:
         a, b = have.get(key), settings.get(key)
         if isinstance(a, float) or isinstance(b, float):
@@ -385,7 +390,7 @@ def _is_zarr_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists())
 
 
-def _inspect_output(out: Path, settings: dict[str, Any], overwrite: bool) -> RunStore | None:
+def _inspect_output(out: Path, settings: dict[str, Any], overwrite: bool, same_slide=None) -> RunStore | None:
     """A compatible store to resume, or None to create one (refusing what must not be replaced:
     with ``overwrite`` only what nucli wrote, :func:`nucli.outputs.check_replaceable`)."""
     from nucli.outputs import check_replaceable, nucli_wrote
@@ -400,7 +405,7 @@ def _inspect_output(out: Path, settings: dict[str, Any], overwrite: bool) -> Run
                 return None
             raise StoreError(f"{out} exists but is not a readable nucli run store; "
                              "pass --overwrite to replace it or choose another -o") from None
-        diffs = _differences(store.meta, settings)
+        diffs = _differences(store.meta, settings, same_slide)
         if not diffs:
             if not store.has("tiles") or not store.has("origin"):
                 raise StoreError(f"{out}: run store is missing its tiles; pass --overwrite to redo it")

@@ -1,0 +1,243 @@
+"""Hardening II: an output never replaces an input, ``--overwrite`` replaces only what nucli wrote, exports
+fail whole, run stores are checked against their schema, and odd inputs end in one-line errors. Every test
+also checks that nothing outside nucli's own outputs changed on disk (file hashes, inputs included).
+Each test backs a row of docs/reliability.md."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from test_hardening import FAST, SEG, invoke, one_line_error, write_png
+from test_watershed import HE_BACKGROUND, HE_NUCLEUS, blob_labels, render
+
+TILE = ["--mpp", "0.5", *FAST]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root``: relative path -> SHA-256 (folders: 'dir'; links: their target)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "link:" + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def he_png(tmp_path_factory):
+    d = tmp_path_factory.mktemp("he2")
+    gt = blob_labels(640, 480, 150, seed=5, r=(7, 10), touching_pairs=0)
+    return write_png(d / "he.png", render(gt, HE_NUCLEUS, HE_BACKGROUND, seed=5))
+
+
+@pytest.fixture(scope="module")
+def run_dir(he_png, tmp_path_factory):
+    """A finished run: he.png, n.geojson, n.csv, n.labels.zarr, n.png (overlay), n.nucli.zarr."""
+    d = tmp_path_factory.mktemp("run2")
+    shutil.copy(he_png, d / "he.png")
+    r = invoke("segment", d / "he.png", "-o", d / "n.geojson", "-f", "csv", "-f", "labels", "--overlay",
+               d / "n.png", *SEG)
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def fresh_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest, symlinks=True)
+    return dest
+
+
+# ====================================================================== an output is never an input
+def _cases(d: Path) -> dict[str, list]:
+    img, store = d / "he.png", d / "n.nucli.zarr"
+    return {
+        "tile -o SLIDE": ["tile", img, "-o", img, *TILE, "--overwrite"],
+        "tile -o symlink to SLIDE": ["tile", img, "-o", d / "link.zarr", *TILE, "--overwrite"],
+        "tile -o sub/../SLIDE": ["tile", img, "-o", d / "sub" / ".." / "he.png", *TILE, "--overwrite"],
+        "tile -o hard link to SLIDE": ["tile", img, "-o", d / "HE.zarr", *TILE, "--overwrite"],
+        "tile -o folder holding SLIDE": ["tile", img, "-o", d, *TILE, "--overwrite"],
+        "segment --overlay IMAGE": ["segment", img, "-o", d / "x.geojson", "--overlay", img, *SEG, "--overwrite"],
+        "segment IMG.csv -o IMG.csv": ["segment", d / "he.csv", "-o", d / "he.csv", *SEG, "--overwrite"],
+        "segment --store IMAGE": ["segment", img, "-o", d / "x.geojson", "--store", img, *SEG, "--overwrite"],
+        "segment RUN -o RUN": ["segment", store, "-o", store, "--method", "watershed", "--overwrite"],
+        "stitch RUN -o RUN": ["stitch", store, "-o", store, "--overwrite"],
+        "stitch RUN -o inside RUN": ["stitch", store, "-o", store / "x.geojson", "--overwrite"],
+        "stitch --format labels into RUN": ["stitch", store, "-o", store / "n.csv", "-f", "labels"],
+        "evaluate -o PRED": ["evaluate", d / "n.labels.zarr", d / "gt.tif", "-o", d / "gt.tif", "--overwrite"],
+        "evaluate --csv inside GT": ["evaluate", d / "n.labels.zarr", d / "gts", "--csv", d / "gts" / "m.csv"],
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases(Path("."))))
+def test_an_output_that_is_or_lies_inside_an_input_is_a_usage_error(run_dir, tmp_path, case):
+    d = fresh_run(run_dir, tmp_path / "run")
+    os.symlink(d / "he.png", d / "link.zarr")
+    os.link(d / "he.png", d / "HE.zarr")  # another name of the same file (as on a case-insensitive disk)
+    (d / "sub").mkdir()
+    shutil.copy(d / "he.png", d / "he.csv")  # a PNG named .csv
+    (d / "gts").mkdir()
+    tifffile.imwrite(d / "gt.tif", np.zeros((4, 4), np.uint16))
+    before = snapshot(tmp_path)
+    r = invoke(*_cases(d)[case])
+    one_line_error(r, 1, "nucli never")
+    assert snapshot(tmp_path) == before
+
+
+def test_outputs_beside_the_input_are_still_written(run_dir, tmp_path):
+    """The rule is about identity, not names: an output next to the input (or named like it) is fine."""
+    d = fresh_run(run_dir, tmp_path / "run")
+    r = invoke("segment", d / "he.png", "-o", d / "he.png.geojson", *SEG)
+    assert r.exit_code == 0, r.output
+    assert (d / "he.png.geojson").is_file() and (d / "he.png").read_bytes() == (run_dir / "he.png").read_bytes()
+
+
+# ====================================================================== --overwrite replaces only nucli's outputs
+def _user_zarr(path: Path) -> None:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w")
+    g.create_array("image", shape=(4, 4), dtype="uint8")
+    g.attrs["owner"] = "me"
+
+
+@pytest.mark.parametrize("case, make, words", [
+    ("tile -o folder", lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")), "a folder of 1 entry"),
+    ("tile -o user zarr", _user_zarr, "a Zarr group that nucli did not write"),
+    ("tile -o user file", lambda p: p.write_text("mine"), "a file of 4 bytes"),
+    ("stitch -o folder", lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")), "a folder of 1 entry"),
+    ("stitch -f labels user zarr", _user_zarr, "a Zarr group that nucli did not write"),
+    ("stitch -o user geojson", lambda p: p.write_text('{"type":"FeatureCollection","features":[]}'),
+     "a JSON file of 42 bytes"),
+    ("stitch -o user csv", lambda p: p.write_text("a,b\n1,2\n"), "a file of 8 bytes"),
+    ("stitch --overlay user png", lambda p: write_png(p, np.zeros((8, 8, 3), np.uint8)), "a PNG image"),
+    ("segment -o user geojson", lambda p: p.write_text('{"type": "FeatureCollection", "features": [{}]}'),
+     "a JSON file"),
+])
+def test_overwrite_refuses_what_nucli_did_not_write(run_dir, tmp_path, case, make, words):
+    d = fresh_run(run_dir, tmp_path / "run")
+    target = {"tile -o folder": d / "results.zarr", "tile -o user zarr": d / "image.zarr",
+              "tile -o user file": d / "r.zarr", "stitch -o folder": d / "results.zarr",
+              "stitch -f labels user zarr": d / "o.labels.zarr", "stitch -o user geojson": d / "o.geojson",
+              "stitch -o user csv": d / "o.csv", "stitch --overlay user png": d / "o.png",
+              "segment -o user geojson": d / "o.geojson"}[case]
+    make(target)
+    store = d / "n.nucli.zarr"
+    args = {"tile": ["tile", d / "he.png", "-o", target, *TILE, "--overwrite"],
+            "stitch": ["stitch", store, "-o", target, "--overwrite"],
+            "segment": ["segment", d / "he.png", "-o", target, *SEG, "--overwrite"]}[case.split()[0]]
+    if case == "stitch -f labels user zarr":
+        args = ["stitch", store, "-o", d / "o.geojson", "-f", "labels", "--overwrite"]
+    if case == "stitch --overlay user png":
+        args = ["stitch", store, "-o", d / "o.geojson", "--overlay", target, "--overwrite"]
+    before = snapshot(tmp_path)
+    one_line_error(invoke(*args), 2, "refusing to replace", target.name, words, "nucli's own outputs")
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_nucli_outputs_and_empty_ones(run_dir, tmp_path):
+    d = fresh_run(run_dir, tmp_path / "run")
+    (d / "empty.zarr").mkdir()
+    (d / "empty.geojson").write_text("")
+    store = d / "n.nucli.zarr"
+    for args in (["stitch", store, "-o", d / "n.geojson", "-f", "csv", "-f", "labels", "-f", "geojson.gz",
+                  "--overlay", d / "n.png", "--overwrite", "--quiet"],
+                 ["stitch", store, "-o", d / "n.geojson", "-f", "csv", "-f", "labels", "-f", "geojson.gz",
+                  "--overlay", d / "n.png", "--overwrite", "--quiet"],  # the gzipped file is nucli's too
+                 ["stitch", store, "-o", d / "empty.geojson", "--overwrite", "--quiet"],
+                 ["tile", d / "he.png", "-o", d / "empty.zarr", *TILE, "--overwrite"],
+                 ["tile", d / "he.png", "-o", d / "empty.zarr", *TILE, "--tile-size", "128", "--overwrite"],
+                 ["stitch", store, "-o", d / "n.labels.zarr", "--overwrite", "--quiet"]):
+        r = invoke(*args)
+        assert r.exit_code == 0, (args, r.output)
+    assert (d / "n.geojson").read_bytes() == (run_dir / "n.geojson").read_bytes()
+    assert (d / "n.csv").read_bytes() == (run_dir / "n.csv").read_bytes()
+    assert json.loads((d / "empty.geojson").read_text())["features"]
+
+
+# ====================================================================== exports fail whole
+def test_disk_full_during_the_label_image_export_leaves_nothing_partial(run_dir, tmp_path, monkeypatch):
+    import zarr.storage._local as local
+
+    d = fresh_run(run_dir, tmp_path / "run")
+    real, calls = local._put, {"n": 0}
+
+    def full(path, value, exclusive=False):
+        if ".labels.zarr" in str(path):
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", full)
+    before = snapshot(tmp_path)
+    for args in (["stitch", d / "n.nucli.zarr", "-o", d / "new.labels.zarr"],
+                 ["stitch", d / "n.nucli.zarr", "-o", d / "n.labels.zarr", "--overwrite"]):
+        calls["n"] = 0
+        one_line_error(invoke(*args, "--quiet"), 2, "No space left on device")
+        assert snapshot(tmp_path) == before  # no partial store, no temporary folder, the old one unchanged
+
+
+def test_a_sparse_label_image_is_written_chunk_by_chunk(tmp_path):
+    """An 80,000 x 80,000 px slide with nuclei at two corners: memory stays far below the 24 GiB image."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from nucli.export.labels import LabelImageSink, read_label_image
+
+    frame = SimpleNamespace(working_size=(80_000, 80_000), downsample=1.0, um_per_px=0.5,
+                            level0_size=(80_000, 80_000), fingerprint="f", method="m")
+    sink = LabelImageSink(tmp_path / "big.labels.zarr")
+    mask = np.ones((10, 12), bool)
+    tracemalloc.start()
+    sink.open(frame)
+    for label, (y, x) in enumerate([(5, 7), (79_980, 79_970)], start=1):
+        sink.add(SimpleNamespace(mask=mask, y0=y, x0=x, label=label))
+        sink.flush(y - 600)
+    sink.close()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 << 20, peak
+    arr, attrs = read_label_image(tmp_path / "big.labels.zarr")
+    assert arr.shape == (80_000, 80_000) and attrs["kind"] == "label-image"
+    assert arr[5, 7] == 1 and arr[79_989, 79_981] == 2 and arr[40_000, 40_000] == 0
+    assert arr[5:15, 7:19].sum() == 120 and arr[79_980:79_990, 79_970:79_982].sum() == 240
+    assert len(list((tmp_path / "big.labels.zarr" / "c").rglob("*"))) <= 6  # 2 chunks (+ their folders)
+
+
+# ====================================================================== concurrent runs into a new folder
+def test_two_tile_runs_into_the_same_new_folder(he_png, tmp_path):
+    """Started together: the folder is made atomically and the store lock decides; each run exits 0 (it made
+    or resumed the store) or 2 with the lock error, and the store that remains is complete and readable."""
+    from nucli.tiling.store import RunStore
+
+    ref = tmp_path / "ref.zarr"
+    assert invoke("tile", he_png, "-o", ref, *TILE).exit_code == 0
+    ref_tiles = np.asarray(RunStore.open(ref).array("tiles")[:])
+    for trial in range(2):
+        out = tmp_path / f"new{trial}" / "deeper" / "run.zarr"
+        cmd = [sys.executable, "-c", "from nucli.cli import app; app(prog_name='nucli')", "tile", str(he_png), "-o", str(out), *map(str, TILE)]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+        for rc, err in results:
+            assert rc == 0 or (rc == 2 and "being written by another nucli process" in err), (rc, err)
+        assert any(rc == 0 for rc, _ in results)
+        store = RunStore.open(out)
+        assert store.is_complete("tile")
+        np.testing.assert_array_equal(np.asarray(store.array("tiles")[:]), ref_tiles)
+        assert sorted(p.name for p in out.parent.iterdir()) == ["run.zarr"]
