@@ -169,7 +169,7 @@ def test_gensegnet_is_registered_as_default():
 
 
 def test_enhance_store_writes_enhanced_tiles_and_resumes(tmp_path):
-    from nucli.models.gensegnet.enhance import ARRAY, STAGE, enhance_store, has_enhanced, segment_from_store
+    from nucli.enhance_stage import ARRAY, STAGE, enhance_store, has_enhanced, segment_from_store
     from nucli.models.registry import build_method
     from nucli.pipeline import store_from_array, tile_extents
 
@@ -241,7 +241,7 @@ def test_bf16_setting():
 
 
 def test_segment_store_uses_the_stored_enhancement(tmp_path):
-    from nucli.models.gensegnet.enhance import enhance_store, segment_from_store
+    from nucli.enhance_stage import enhance_store, segment_from_store
     from nucli.models.registry import build_method
     from nucli.pipeline import segment_store, store_from_array, tile_extents, uses_stored_enhancement
 
@@ -288,7 +288,7 @@ def test_h_maxima_by_region_equals_skimage_inside_the_regions():
 
 
 def test_enhance_runs_on_dask_and_in_shards_with_the_serial_result(tmp_path):
-    from nucli.models.gensegnet.enhance import ARRAY, STAGE, enhance_store
+    from nucli.enhance_stage import ARRAY, STAGE, enhance_store
     from nucli.models.registry import build_method
     from nucli.parallel import MethodRecipe, make_runner
     from nucli.pipeline import store_from_array

@@ -598,7 +598,7 @@ def test_sigint_during_enhance_then_rerun(he_png, tmp_path):
     for store in (ref, run):
         assert invoke("tile", he_png, "-o", store, *tile_args).exit_code == 0
     assert invoke("enhance", ref, "--quiet").exit_code == 0
-    rc, err = interrupt_after(nucli_slowed(("nucli.models.gensegnet.enhance", "EnhanceJob", "finish", 0.3),
+    rc, err = interrupt_after(nucli_slowed(("nucli.enhance_stage", "EnhanceJob", "finish", 0.3),
                                            "enhance", run, "--batch-size", "1", "--quiet"), 2)
     assert rc == 130 and "rerun the same command to resume" in err
     done = RunStore.open(run).done(STAGE)

@@ -42,6 +42,22 @@ Overlap = Annotated[
     typer.Option("--overlap", min=0, help="Tile overlap in working pixels (must exceed the largest nucleus)."),
 ]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per model batch.")]
+OptBatchSize = Annotated[
+    Optional[int],
+    typer.Option("--batch-size", min=1, help="Tiles per model batch (default: the method's on the CPU; on a GPU "
+                 "as many as its free memory holds)."),
+]
+Device = Annotated[
+    str,
+    typer.Option("--device", help="Where the models run: auto (a CUDA GPU when torch sees one, else the CPU), "
+                 "cpu, cuda, cuda:N or mps.", metavar="auto|cpu|cuda|cuda:N|mps"),
+]
+Precision = Annotated[
+    Optional[str],
+    typer.Option("--precision", help="Mixed precision on a GPU: auto (bf16 where the GPU has it, else fp16), "
+                 "bf16, fp16 or fp32 (off). The CPU keeps the method's own setting.",
+                 metavar="auto|bf16|fp16|fp32", show_default=False),
+]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
 JsonSummary = Annotated[bool, typer.Option("--json", help="Print the final summary as one JSON object.")]

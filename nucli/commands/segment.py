@@ -35,7 +35,9 @@ def run(
     formats: Formats = None,
     overlay: OverlayPath = None,
     weights: opt.Weights = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Tiles per model batch.")] = None,
+    batch_size: opt.OptBatchSize = None,
+    device: opt.Device = "auto",
+    precision: opt.Precision = None,
     mpp: opt.Mpp = None,
     mpp_target: opt.MppTarget = None,
     tile_size: Annotated[
@@ -68,20 +70,26 @@ def run(
       HARU-Net, spread over 2 local Dask worker processes:
       nucli segment slide.svs -o slide.geojson --method harunet --workers 2
 
+      On a machine with 4 GPUs: one Dask worker per GPU:
+      nucli segment slide.svs -o slide.geojson --device cuda --workers 4
+
       Job 0 of a 4-job HPC array on a store made by nucli tile:
       nucli segment slide.zarr --shard 0/4
     """
     from nucli.commands._common import print_summary
     from nucli.parallel import make_runner
     from nucli.autoscale import parse_mpp
+    from nucli.parallel.device import resolve_device
     from nucli.pipeline import segment_to_outputs
 
+    remote = scheduler is not None or getattr(cluster, "value", cluster) == "slurm"
+    dev = resolve_device(device, remote=remote)  # a device this machine lacks: one line, nothing created
     with make_runner(workers=workers, threads=threads, scheduler=scheduler, cluster=cluster,
-                     cluster_config=cluster_config) as runner:
+                     cluster_config=cluster_config, device=dev) as runner:
         summary = segment_to_outputs(
             source, output, method=method, store=store, formats=list(formats or []), overlay=overlay,
             weights=weights, batch_size=batch_size, mpp=parse_mpp(mpp), mpp_target=mpp_target, tile_size=tile_size,
             overlap=overlap, tissue_mask=tissue_mask, overwrite=overwrite, progress=not (quiet or json_summary),
-            runner=runner, shard=shard,
+            device=dev, precision=precision, runner=runner, shard=shard,
         )
     print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli segment")

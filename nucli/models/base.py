@@ -57,6 +57,8 @@ class Method(ABC):
     """A segmentation method. Build once per worker; call on many batches."""
 
     config: MethodConfig
+    #: autocast dtype on a GPU (torch.bfloat16/float16), set by the runner (nucli.parallel.device); None: float32
+    amp_dtype: Any = None
 
     def __init__(self, config: MethodConfig):
         self.config = config

@@ -27,7 +27,9 @@ class MethodRecipe:
     """How to build a method on a worker: registry name, weights file, device, config overrides.
 
     ``key`` names the built model in a worker's cache: the method name, the
-    SHA-256 of its weights file, the device and the overrides.
+    SHA-256 of its weights file, the device and the overrides. ``device``
+    ``cuda`` (no index) means one GPU per worker (:func:`nucli.parallel.device.worker_device`);
+    ``precision`` is the mixed precision on a GPU (``auto``, ``bf16``, ``fp16``, ``fp32``).
     """
 
     name: str | None
@@ -35,28 +37,39 @@ class MethodRecipe:
     device: str = "cpu"
     overrides: tuple[tuple[str, Any], ...] = ()
     weights_sha256: str | None = None
+    precision: str = "auto"
 
     @classmethod
     def create(cls, name: str | None, weights: "str | os.PathLike[str] | None" = None, device: str = "cpu",
-               **overrides: Any) -> "MethodRecipe":
+               precision: str | None = None, **overrides: Any) -> "MethodRecipe":
         from nucli.models.registry import get_spec, sha256_of
 
         spec = get_spec(name)
         path = Path(weights) if weights is not None else spec.weights_path
         digest = sha256_of(path) if path is not None and path.is_file() else None
-        return cls(spec.name, str(Path(weights).resolve()) if weights is not None else None, device,
-                   tuple(sorted((k, v) for k, v in overrides.items() if v is not None)), digest)
+        return cls(spec.name, str(Path(weights).resolve()) if weights is not None else None, str(device),
+                   tuple(sorted((k, v) for k, v in overrides.items() if v is not None)), digest,
+                   precision or "auto")
 
     @property
     def key(self) -> str:
         extra = ",".join(f"{k}={v!r}" for k, v in self.overrides)
-        return f"{self.name}:{(self.weights_sha256 or 'none')[:16]}:{self.device}:{extra}"
+        return f"{self.name}:{(self.weights_sha256 or 'none')[:16]}:{self.device}:{self.precision}:{extra}"
+
+    def on_worker(self) -> "MethodRecipe":
+        """This recipe with the device this process uses (``auto``/``cuda`` -> ``cpu`` or its own ``cuda:k``)."""
+        from dataclasses import replace
+
+        from nucli.parallel.device import worker_device
+
+        device = worker_device(self.device)
+        return self if device == self.device else replace(self, device=device)
 
     def build(self) -> Any:
-        from nucli.models.registry import build_method
+        from nucli.parallel.device import build_on_device
 
-        return build_method(self.name, weights=Path(self.weights) if self.weights else None, device=self.device,
-                            **dict(self.overrides))
+        return build_on_device(self.name, self.weights, self.on_worker().device, self.precision,
+                               **dict(self.overrides))
 
 
 _CACHE_LOCK = threading.Lock()
@@ -67,6 +80,7 @@ _CACHE_SIZE = 2
 
 def cached_method(recipe: MethodRecipe) -> Any:
     """The method of ``recipe``, built at most once per worker process (a few most recent kept)."""
+    recipe = recipe.on_worker()
     with _CACHE_LOCK:
         method = _CACHE.get(recipe.key)
         if method is None:
@@ -90,9 +104,14 @@ def _run_batch(job: TileJob, method_ref: Any, store_path: str, batch: Batch) -> 
     """One Dask task: open the store, load, compute, write. Returns the number of tiles done."""
     from nucli.tiling.store import RunStore
 
+    from nucli.parallel.device import OomRetry
+
     method = cached_method(method_ref) if isinstance(method_ref, MethodRecipe) else method_ref
     store = RunStore.open(Path(store_path), mode="r+")
-    return job.run(store, method, batch)
+    data = job.load(store, batch)
+    for part, computed in OomRetry(str(getattr(method, "device", "the device"))).compute(job, method, batch, data):
+        job.finish(store, method, part, computed)
+    return len(batch.members)
 
 
 def _probe(store_path: str) -> dict[str, Any]:
@@ -115,6 +134,8 @@ class Runner:
     max_in_flight: int | None = None
     prefetch: int = 2
     connect_timeout: float = 15.0
+    device: Any = None  # nucli.parallel.device.Device the work runs on (None: the CPU)
+    say: Callable[[str], None] | None = None  # how the serial runner announces a halved batch (once)
     _client: Any = field(default=None, repr=False)
     _cluster: Any = field(default=None, repr=False)
 
@@ -139,9 +160,34 @@ class Runner:
     def is_dask(self) -> bool:
         return self.mode != "serial"
 
+    @property
+    def per_worker_gpu(self) -> bool:
+        """A local cluster on CUDA: each worker process is pinned to its own GPU."""
+        return (self.mode == "local" and self.device is not None and self.device.is_cuda
+                and not self.device.pinned)
+
+    def method_device(self) -> str:
+        """The device string a method is built with by this runner's workers."""
+        if self.device is None:
+            return "cpu"
+        if self.device.remote:
+            from nucli.parallel.device import PER_WORKER
+
+            return PER_WORKER if self.device.name == "cuda" else self.device.name
+        if self.per_worker_gpu:
+            from nucli.parallel.device import PER_WORKER
+
+            return PER_WORKER
+        return self.device.name
+
     def describe(self) -> str:
         if self.mode == "local":
-            return f"dask local: {self.workers} worker(s) x {self.threads} thread(s)"
+            pinned = ""
+            if self.per_worker_gpu:
+                from nucli.parallel.device import worker_devices
+
+                pinned = f", one GPU per worker ({', '.join(worker_devices(int(self.workers or 1), self.device))})"
+            return f"dask local: {self.workers} worker(s) x {self.threads} thread(s){pinned}"
         if self.mode == "scheduler":
             return f"dask scheduler {self.scheduler}"
         if self.mode == "slurm":
@@ -254,6 +300,11 @@ class Runner:
                     advance: Callable[[int], None]) -> int:
         from concurrent.futures import Future, ThreadPoolExecutor
 
+        from nucli.parallel.device import OomRetry
+
+        oom = OomRetry(str(getattr(method, "device", None) or (self.device.name if self.device else "the device")),
+                       warn=self.say)
+
         depth = max(1, int(self.prefetch))
         loads: deque[tuple[Batch, Future]] = deque()
         posts: deque[tuple[Batch, Future]] = deque()
@@ -282,12 +333,14 @@ class Runner:
                 b, f = loads.popleft()
                 data = f.result()
                 top_up()
-                computed = job.compute(method, data)  # the model runs here while the threads read and write
+                # the model runs here while the threads read the next batch and post-process the last
+                parts = oom.compute(job, method, b, data)
                 del data
-                while len(posts) >= depth:
-                    settle_oldest()
-                posts.append((b, writer.submit(job.finish, store, method, b, computed)))
-                del computed
+                for part, computed in parts:
+                    while len(posts) >= depth:
+                        settle_oldest()
+                    posts.append((part, writer.submit(job.finish, store, method, part, computed)))
+                del parts
                 while posts and posts[0][1].done():
                     settle_oldest()
             while posts:
@@ -374,12 +427,16 @@ def make_runner(
     cluster: str | None = None,
     cluster_config: "str | os.PathLike[str] | None" = None,
     max_in_flight: int | None = None,
+    device: Any = None,
 ) -> Runner:
     """A runner from the shared command-line options (validated now; a cluster starts on first use).
 
     No option: serial. ``--workers``/``--threads`` or ``--cluster local``: a
     local Dask cluster. ``--scheduler``: an existing one. ``--cluster slurm
-    --cluster-config FILE``: dask-jobqueue.
+    --cluster-config FILE``: dask-jobqueue. ``device`` (a resolved
+    :class:`nucli.parallel.device.Device`): where the models run; a local cluster
+    on CUDA pins each worker process to its own GPU (``--cluster local`` alone
+    starts one worker per GPU).
     """
     cluster = getattr(cluster, "value", cluster)
     for name, value in (("--workers", workers), ("--threads", threads)):
@@ -394,16 +451,20 @@ def make_runner(
     if scheduler:
         if workers is not None or threads is not None:
             log.warning("--workers/--threads are ignored with --scheduler (the scheduler's workers are used)")
-        return Runner("scheduler", scheduler=str(scheduler), max_in_flight=max_in_flight)
+        return Runner("scheduler", scheduler=str(scheduler), max_in_flight=max_in_flight, device=device)
     if cluster == "slurm":
         if cluster_config is None:
             raise UsageError("--cluster slurm needs --cluster-config FILE (see examples/dask_jobqueue.yaml)")
         return Runner("slurm", workers=workers, cluster_config=load_cluster_config(cluster_config),
-                      max_in_flight=max_in_flight)
+                      max_in_flight=max_in_flight, device=device)
     if cluster == "local" or workers is not None or threads is not None:
-        return Runner("local", workers=int(workers or os.cpu_count() or 1), threads=int(threads or 1),
-                      max_in_flight=max_in_flight)
-    return Runner("serial")
+        gpus = int(getattr(device, "count", 0) or 0) if getattr(device, "is_cuda", False) else 0
+        n = int(workers or gpus or os.cpu_count() or 1)
+        if gpus and n > gpus:
+            log.warning("--workers %d on %d GPU(s): workers share GPUs (one worker per GPU is usually fastest)",
+                        n, gpus)
+        return Runner("local", workers=n, threads=int(threads or 1), max_in_flight=max_in_flight, device=device)
+    return Runner("serial", device=device)
 
 
 __all__ = ["MODES", "MethodRecipe", "Runner", "cached_method", "make_runner", "method_builds"]

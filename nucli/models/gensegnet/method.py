@@ -54,7 +54,11 @@ class GenSegNet(Method):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            if self.bf16:
+            if self.amp_dtype is not None:  # a GPU in mixed precision
+                with torch.autocast(x.device.type, dtype=self.amp_dtype):
+                    y = net(x)
+                y = y.float()
+            elif self.bf16:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     y = net(x)
                 y = y.float()
@@ -148,7 +152,7 @@ def build(config: MethodConfig, weights_path: Path | None, device: str = "cpu") 
     tensors, stored = load_weights(Path(weights_path), METHOD)
     # the network, its tuned thresholds and its preset travel with the weights file
     params = {**config.params, **dict(stored.get("params") or {})}
-    data = config.to_dict()
+    data = adopt_working_scale(config.to_dict(), stored)
     data["params"] = params
     config = MethodConfig.from_dict(data)
     gen, unet = networks_from_params(params)
@@ -159,6 +163,18 @@ def build(config: MethodConfig, weights_path: Path | None, device: str = "cpu") 
     gen.to(torch_device)
     unet.to(torch_device)
     return GenSegNet(config, gen, unet, device=str(torch_device), bf16=use_bf16(params.get("bf16", False), torch_device))
+
+
+def adopt_working_scale(data: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
+    """Weights trained at one working scale (``params.working_scale``) carry their pixel size and
+    typical nucleus diameter: those win over the registry's, since the network learnt at them."""
+    ws = (stored.get("params") or {}).get("working_scale")
+    if isinstance(ws, dict):
+        for key, field in (("mpp", "mpp"), ("reference_diameter_px", "nucleus_diameter_px")):
+            v = ws.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < 1e3:
+                data[field] = float(v)
+    return data
 
 
 def use_bf16(setting: Any, device: Any) -> bool:
