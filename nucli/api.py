@@ -392,8 +392,36 @@ def method_catalog(verify: bool = True) -> list[dict[str, Any]]:
         entry["test_metrics"] = metrics
         entry["test_metrics_source"] = source
         entry["test_subset"] = _test_subset(spec) if metrics else None
+        entry["licence"] = weights_licence(spec)
         out.append(entry)
     return out
+
+
+def weights_licence(spec: Any) -> str | None:
+    """The licence of a method's shipped weights: ``licence`` in the JSON beside them, else the
+    weights file's ``nucli.licence`` metadata; None for a method without weights."""
+    import json
+
+    wp = spec.weights_path
+    if wp is None:
+        return None
+    side = Path(wp).with_suffix(".json")
+    if side.is_file():
+        try:
+            text = json.loads(side.read_text(encoding="utf-8")).get("licence")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            text = None
+        if isinstance(text, str) and text:
+            return text
+    if Path(wp).is_file():
+        from nucli.errors import WeightsError
+        from nucli.models.weights_io import read_metadata
+
+        try:
+            return read_metadata(Path(wp)).get("nucli.licence")
+        except WeightsError:
+            return None
+    return None
 
 
 def card_metrics(spec: Any) -> tuple[dict[str, Any] | None, str | None]:

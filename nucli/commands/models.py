@@ -79,11 +79,12 @@ def _print_table(entries: list[dict[str, Any]]) -> None:
     t.add_column("µm/px", justify="right")
     t.add_column("nucleus px", justify="right")
     t.add_column("test split, mean over images", overflow="fold")
+    t.add_column("weights licence", overflow="fold")
     for e in entries:
         name = f"{e['name']} *" if e["default"] else e["name"]
         subset = f" [dim](on {e['test_subset']})[/]" if e.get("test_subset") else ""
         t.add_row(name, _short_status(e["weights_status"]), f"{e['mpp']:g}", f"{e['nucleus_diameter_px']:g}",
-                  _metrics_text(e["test_metrics"]) + subset)
+                  _metrics_text(e["test_metrics"]) + subset, e.get("licence") or "-")
     con = stdout()
     con.print(t)
     con.print("* default method. Weights files, SHA-256 and the model card: [bold]nucli models NAME[/]",
@@ -102,7 +103,8 @@ def _print_one(e: dict[str, Any]) -> None:
     t.add_column(no_wrap=True)
     t.add_column(overflow="fold")
     for key in ("summary", "default", "mpp", "nucleus_diameter_px", "max_nucleus_diameter_px", "tile_size",
-                "overlap", "weights_path", "size_mb", "weights_status", "sha256", "sha256_expected", "card"):
+                "overlap", "weights_path", "size_mb", "weights_status", "sha256", "sha256_expected", "licence",
+                "card"):
         t.add_row(f"[bold]{key}[/]", "-" if e.get(key) is None else str(e[key]))
     t.add_row("[bold]test metrics[/]", _metrics_text(e["test_metrics"])
               + (f"  (from {e['test_metrics_source']})" if e["test_metrics_source"] else ""))

@@ -269,6 +269,8 @@ def export(method: str, module, base: dict[str, Any], pp: dict[str, Any], path: 
         params.update(pp)
         tensors = dict(module.state_dict())
     params["working_scale"] = {"mpp": ms.WORKING_MPP, "reference_diameter_px": ms.REFERENCE_DIAMETER_PX}
+    # --mpp auto: bring the median nucleus to the training reference size, enlarging or shrinking
+    params["auto_scale"] = {"ratio": 1.0, "shrink": True}
     params["training_sets"] = sorted(summary["sets"])
     extra = {"nucli.train.steps": str(summary["steps"]), "nucli.train.sets": ",".join(sorted(summary["sets"]))}
     return save_weights(path, tensors, method, cfg, extra)
