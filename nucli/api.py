@@ -199,13 +199,17 @@ def slide_info(
     tissue_mask: bool = True,
     probe_tiles: int = 2,
     weights: str | Path | None = None,
+    device: Any = "cpu",
 ) -> dict[str, Any]:
     """Describe a slide and estimate a run of ``method`` on it (see module docstring).
 
     The time estimate comes from running the method on ``probe_tiles`` tiles of
-    this slide on this machine (0: no estimate); it covers reading and
-    segmenting tiles, not stitching or export.
+    this slide on this machine (0: no estimate), on ``device`` (``auto|cpu|cuda|cuda:N|mps``);
+    it covers reading and segmenting tiles, not stitching or export. ``device``,
+    ``gpu`` and ``devices`` (all this machine has) are in the result.
     """
+    from nucli.parallel.device import available_devices, resolve_device
+
     from nucli.models.registry import get_spec
     from nucli.slide import open_slide
     from nucli.tiling import tissue as tissue_mod
@@ -213,6 +217,7 @@ def slide_info(
 
     if probe_tiles < 0:
         raise UsageError(f"--probe must be 0 or more tiles, got {probe_tiles}")
+    dev = resolve_device(device)
     spec = get_spec(method)
     cfg = spec.config
     tile = int(tile_size or cfg.tile_size)
@@ -238,6 +243,8 @@ def slide_info(
             "objective_power": _number(props.get("openslide.objective-power")),
             "associated_images": _associated_sizes(slide, props),
             "modality": "fluorescence" if slide.dark_background else "brightfield",
+            **dev.record(),
+            "devices": available_devices(),
         }
         if slide.mpp:
             info["size_mm"] = [round(info["width"] * slide.mpp / 1000, 3), round(info["height"] * slide.mpp / 1000, 3)]
@@ -269,7 +276,7 @@ def slide_info(
         })
         if slide.mpp is None:
             info["note"] = "no pixel size: the slide would be processed at native resolution; pass --mpp"
-        info.update(_estimate(slide, spec, tiles, grid, working, probe_tiles, weights))
+        info.update(_estimate(slide, spec, tiles, grid, working, probe_tiles, weights, dev))
     return info
 
 
@@ -298,17 +305,18 @@ def _associated_sizes(slide: Any, props: dict[str, Any]) -> dict[str, list[int] 
 
 
 def _estimate(slide: Any, spec: Any, tiles: list, grid: Any, working: float | None, probe: int,
-              weights: str | Path | None) -> dict[str, Any]:
+              weights: str | Path | None, device: Any = None) -> dict[str, Any]:
     """Seconds per tile measured on ``probe`` tiles of this slide; the time for all tiles."""
     if probe == 0 or not tiles:
         return {"seconds_per_tile": None, "estimated_seconds": None,
                 "estimate": "not measured (--probe 0)" if probe == 0 else "no tiles"}
     from nucli.errors import WeightsError
-    from nucli.models.registry import build_method
+    from nucli.parallel.device import CPU, build_on_device
 
     t0 = time.perf_counter()
+    device = device or CPU
     try:
-        m = build_method(spec.name, weights=Path(weights) if weights is not None else None)
+        m = build_on_device(spec.name, weights, device)
     except WeightsError as exc:
         return {"seconds_per_tile": None, "estimated_seconds": None, "estimate": f"not measured: {exc}"}
     load = time.perf_counter() - t0
@@ -330,8 +338,9 @@ def _estimate(slide: Any, spec: Any, tiles: list, grid: Any, working: float | No
         "model_load_seconds": round(load, 3),
         "seconds_per_tile": round(per_tile, 4),
         "estimated_seconds": round(load + per_tile * len(tiles), 1),
-        "estimate": f"{len(picks)} tiles of this slide segmented on this machine ({os.cpu_count()} CPUs); "
-                    "reading + segmenting, without stitching and export",
+        "estimate": f"{len(picks)} tiles of this slide segmented on this machine ("
+                    + (device.describe() if device.gpu else f"{os.cpu_count()} CPUs")
+                    + "); reading + segmenting, without stitching and export",
     }
 
 

@@ -185,8 +185,11 @@ def run_demo(
     stain: str = "hematoxylin",
     overwrite: bool = False,
     progress: bool = True,
+    device: Any = "cpu",
 ) -> dict[str, Any]:
     """Make the demo slide (once) and segment it; returns the summary (``status``: ``done`` or ``exists``).
+
+    ``device``: where the model runs (``auto|cpu|cuda|cuda:N|mps``).
 
     When every output of this method is already there and ``overwrite`` is
     false, nothing is recomputed or replaced: the summary says ``exists``.
@@ -195,7 +198,10 @@ def run_demo(
 
     from nucli.pipeline import segment_to_outputs
 
+    from nucli.parallel.device import resolve_device
+
     start = time.perf_counter()
+    dev = resolve_device(device)  # a device this machine lacks: one line, before anything is made
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir} is a file; pass -o with a folder for the demo outputs")
@@ -218,7 +224,7 @@ def run_demo(
         made_slide = True
     summary = segment_to_outputs(slide, files["geojson"], method=name, weights=weights, formats=["csv"],
                                  overlay=files["overlay"], store=files["store"], overwrite=overwrite,
-                                 progress=progress)
+                                 progress=progress, device=dev)
     return {
         "status": "done",
         "method": name,
@@ -234,6 +240,7 @@ def run_demo(
         "measurements": str(files["csv"]),
         "overlay": str(files["overlay"]),
         "store": str(files["store"]),
+        **dev.record(),
         "seconds": round(time.perf_counter() - start, 2),
     }
 

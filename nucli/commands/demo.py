@@ -31,6 +31,7 @@ def run(
     weights: opt.Weights = None,
     crop: Crop = None,
     stain: Stain = "hematoxylin",
+    device: opt.Device = "auto",
     overwrite: opt.Overwrite = False,
     quiet: opt.Quiet = False,
     json_summary: opt.JsonSummary = False,
@@ -50,7 +51,7 @@ def run(
     from nucli.demo import run_demo
 
     summary = run_demo(output, method=method, weights=weights, crop=crop, stain=stain, overwrite=overwrite,
-                       progress=not (quiet or json_summary))
+                       progress=not (quiet or json_summary), device=device)
     from nucli.commands._common import print_summary, stdout
 
     print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli demo")

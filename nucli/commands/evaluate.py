@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nucli.commands._common import handle_errors, interrupt_hint, stderr, stdout
-from nucli.commands._options import JsonSummary, Method, Overwrite, Quiet, Weights
+from nucli.commands._options import Device, JsonSummary, Method, Overwrite, Precision, Quiet, Weights
 from nucli.errors import UsageError
 
 PredArg = Annotated[
@@ -54,6 +54,8 @@ def run(
         typer.Option("--mpp", help="--dataset: 'auto' enlarges each image whose nuclei are small for the method "
                      "(judged from a first pass; see `nucli segment --help`).", metavar="auto"),
     ] = None,
+    device: Device = "auto",
+    precision: Precision = None,
     per_image: Annotated[bool, typer.Option("--per-image", help="Show a row per image in the table.")] = False,
     output: Annotated[
         Optional[Path], typer.Option("-o", "--output", help="Write the full report (per image + aggregates) as JSON.")
@@ -109,6 +111,7 @@ def run(
         dataset_only = {
             "--method": method, "--weights": weights, "--limit": limit,
             "--modality": modality, "--save-predictions": save_predictions, "--mpp": mpp,
+            "--precision": precision,
         }
         used = [name for name, value in dataset_only.items() if value is not None]
         if used:
@@ -150,6 +153,8 @@ def run(
                 allow_missing=allow_missing,
                 on_image=progress.update,
                 mpp=parse_mpp(mpp),
+                device=device,
+                precision=precision,
             )
         else:
             report = evaluate_paths(pred, gt, allow_missing=allow_missing, on_image=progress.update)

@@ -35,6 +35,7 @@ def run(
     overlap: opt.Overlap = None,
     tissue_mask: opt.TissueMask = True,
     probe: Probe = 2,
+    device: opt.Device = "auto",
     quiet: opt.Quiet = False,
     json_summary: opt.JsonSummary = False,
 ) -> None:
@@ -49,6 +50,9 @@ def run(
       nucli info slide.svs --method watershed --json
 
       nucli info scan.tif --mpp 0.25 --probe 0
+
+      Time the method on the second GPU:
+      nucli info slide.svs --device cuda:1
     """
     from contextlib import nullcontext
 
@@ -59,7 +63,7 @@ def run(
             if not (quiet or json_summary) else nullcontext())
     with busy:
         info = slide_info(slide, method, mpp=mpp, mpp_target=mpp_target, tile_size=tile_size, overlap=overlap,
-                          tissue_mask=tissue_mask, probe_tiles=probe, weights=weights)
+                          tissue_mask=tissue_mask, probe_tiles=probe, weights=weights, device=device)
     if json_summary:
         from nucli.commands._common import print_summary
 
@@ -122,6 +126,8 @@ def _print(info: dict[str, Any]) -> None:
         ("working size", f"{info['working_size'][0]} x {info['working_size'][1]} px"),
         ("tiles", f"{info['tiles']} of {info['grid_tiles']} ({info['tile_size']} px, overlap {info['overlap']})"),
         ("seconds per tile", "-" if info.get("seconds_per_tile") is None else f"{info['seconds_per_tile']:.3g}"),
+        ("device", f"{info['device']}" + (f" ({info['gpu']})" if info.get("gpu") else "")
+         + f"; this machine has: {', '.join(info.get('devices') or ['cpu'])}"),
         ("estimated time", _fmt_seconds(info.get("estimated_seconds"))),
         ("estimate from", info.get("estimate")),
     ]:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from nucli.commands._common import handle_errors, print_summary
-from nucli.commands._options import JsonSummary, Method, Output, Overwrite, Quiet
+from nucli.commands._options import Device, JsonSummary, Method, Output, Overwrite, Quiet
 from nucli.errors import InputError, OutputExistsError, UsageError
 
 
@@ -48,6 +48,7 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints in OUTDIR.")] = False,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="gensegnet: also fine-tune the U-Net on generator outputs (kept only if better on val).")] = True,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads.")] = None,
+    device: Device = "auto",
     init: Annotated[Optional[Path], typer.Option("--init", help="several sets: weights to start from (default: the shipped weights of the method).")] = None,
     stain_aug: Annotated[bool, typer.Option("--stain-aug/--no-stain-aug", help="several sets: HED stain, simulated IHC, blur/JPEG/noise augmentation.")] = True,
     batch: Annotated[Optional[int], typer.Option("--batch", min=1, max=64, help="several sets: crops per step (default 6 gensegnet, 4 harunet).")] = None,
@@ -90,6 +91,7 @@ def run(
       nucli train --data train/ --val val/ -o runs/gensegnet --resume
     """
     name = method or "gensegnet"
+    dev = _training_device(device, name, synth is None and not (data and _is_multiset(list(data))))
     if name == "spatialprior":
         if images is None or prior_masks is None:
             raise UsageError("--method spatialprior needs --images DIR (unlabelled images of the new stain) "
@@ -149,8 +151,9 @@ def run(
 
         with _progress(quiet) as progress:
             summary = train_harunet(data, output, val, preset=preset.value, epochs=epochs, resume=resume,
-                                    threads=threads, progress=progress)
+                                    threads=threads, progress=progress, device=dev)
         print_summary({"weights": summary["weights"], "steps": summary["steps"], "best step": summary["best_step"],
+                       **dev.record(),
                        "wall seconds": summary["wall_s"], **{f"val {k}": v for k, v in summary.get("val_tuned", {}).items()}},
                       as_json=json_summary, quiet=quiet, title="nucli train")
         return
@@ -161,11 +164,25 @@ def run(
 
     with _progress(quiet) as progress:
         summary = train_gensegnet(data, output, val, preset=preset.value, epochs=epochs, resume=resume,
-                                  finetune=finetune, threads=threads, progress=progress)
-    print_summary({"weights": summary["weights"], "chosen U-Net": summary["chosen_unet"],
+                                  finetune=finetune, threads=threads, progress=progress, device=dev)
+    print_summary({"weights": summary["weights"], "chosen U-Net": summary["chosen_unet"], **dev.record(),
                    "wall seconds": summary["wall_s"],
                    **{f"val {k} AJI": (v.get("val") or {}).get("aji") for k, v in summary["candidates"].items()}},
                   as_json=json_summary, quiet=quiet, title="nucli train")
+
+
+def _training_device(spec: str, name: str, supported: bool):
+    """``--device`` for training: gensegnet and harunet train on a GPU; the others on the CPU only
+    (``auto`` then means the CPU; naming a GPU is a usage error). Resolved before -o is created."""
+    from nucli.parallel.device import CPU, resolve_device
+
+    dev = resolve_device(spec)
+    if dev.name == "cpu" or (supported and name in ("gensegnet", "harunet")):
+        return dev
+    if str(spec).strip().lower() != "auto":
+        raise UsageError(f"--device {spec}: training '{name}' this way runs on the CPU only in this version "
+                         "(gensegnet and harunet train on a GPU); use --device cpu")
+    return CPU
 
 
 def _is_multiset(items: list[Path]) -> bool:

@@ -280,6 +280,8 @@ def evaluate_dataset(
     allow_missing: bool = False,
     on_image: OnImage | None = None,
     mpp: str | None = None,
+    device: Any = "cpu",
+    precision: str | None = None,
 ) -> EvalReport:
     """Run a method over ``DIR/images`` and score it against ``DIR/labels``.
 
@@ -289,13 +291,15 @@ def evaluate_dataset(
     ``index.json`` (``mpp``) is resampled to the method's working pixel size and its
     labels brought back to the image's size. ``mpp="auto"``: each image without a
     pixel size is rescaled as far as its own nuclei call for (:mod:`nucli.autoscale`);
-    the time then includes the first pass.
+    the time then includes the first pass. ``device`` (``auto|cpu|cuda|cuda:N|mps``) and
+    ``precision``: where the method runs (:mod:`nucli.parallel.device`).
     """
     from nucli.autoscale import AUTO, ratio_for, segment_image_auto
-    from nucli.models.registry import build_method
+    from nucli.parallel.device import build_on_device, resolve_device
 
     if mpp not in (None, AUTO):
         raise UsageError(f"--mpp with --dataset takes only 'auto' (data set images have no pixel size), got {mpp}")
+    dev = resolve_device(device)
 
     items, skipped = dataset_items(dataset, limit=limit, modality=modality, allow_missing=allow_missing)
     if save_predictions is not None:
@@ -308,7 +312,7 @@ def evaluate_dataset(
                 f"{save_predictions} already holds predictions for {len(clash)} image(s) "
                 f"({_listing(clash)}); pass --overwrite to replace them"
             )
-    method = build_method(method_name, weights=weights)
+    method = build_on_device(method_name, weights, dev, precision)
     mpps = _load_mpps(Path(dataset))
     rows = []
     zooms: list[float] = []
@@ -350,6 +354,7 @@ def evaluate_dataset(
         "limit": limit,
         "modality": modality,
         "method_config": method.config.to_dict(),
+        **dev.record(),
     }
     if mpp_zooms:
         info["pixel_size_from_index"] = {"images": len(mpp_zooms), "working_mpp": float(method.config.mpp),

@@ -320,6 +320,87 @@ def _rows(data: Any, start: int, n: int, total: int) -> Any:
                               "pass a smaller --batch-size") from None
 
 
+# --------------------------------------------------------------------------- training
+class TrainingDevice:
+    """Where a training loop runs: networks and batches moved there, autocast, fp16 loss scaling.
+
+    On the CPU (``device`` None or ``cpu``) every step is exactly the plain CPU loop:
+    nothing moves, no autocast, ``step`` is ``loss.backward(); opt.step()``. On CUDA the
+    forward pass and loss run under autocast (bf16, or fp16 with a GradScaler); validation
+    runs with the networks moved back to the CPU (the validation functions are CPU code),
+    and the loop hands its networks back on the CPU.
+    """
+
+    def __init__(self, device: "Device | str | None" = None, precision: str | None = "auto"):
+        self.device = CPU if device is None else resolve_device(device)
+        self.active = self.device.name != "cpu"
+        self.dtype = amp_dtype(self.device, precision) if self.active else None
+        self.scaler = None
+        if self.active and dtype_name(self.dtype) == "fp16":
+            self.scaler = _torch().amp.GradScaler("cuda")
+
+    def modules(self, *modules: Any) -> None:
+        if self.active:
+            for m in modules:
+                m.to(self.device.name)
+
+    def batch(self, batch: Any) -> Any:
+        """Tensors in ``batch`` (a tensor, dict, list or tuple of them) on the device."""
+        if not self.active:
+            return batch
+        torch = _torch()
+        if torch.is_tensor(batch):
+            return batch.to(self.device.name, non_blocking=True)
+        if isinstance(batch, dict):
+            return {k: self.batch(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self.batch(v) for v in batch)
+        return batch
+
+    def autocast(self) -> Any:
+        from contextlib import nullcontext
+
+        if self.dtype is None:
+            return nullcontext()
+        return _torch().autocast(self.device.kind, dtype=self.dtype)
+
+    def step(self, loss: Any, optimizer: Any) -> None:
+        """Backward and optimizer step (loss-scaled in fp16)."""
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def on_cpu(self, *modules: Any) -> Any:
+        """Context: ``modules`` on the CPU inside (validation), back on the device after."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def moved():
+            if not self.active:
+                yield
+                return
+            for m in modules:
+                m.to("cpu")
+            try:
+                yield
+            finally:
+                for m in modules:
+                    m.to(self.device.name)
+
+        return moved()
+
+    def release(self, *modules: Any) -> None:
+        """Hand the networks back on the CPU (what the rest of training and export expect)."""
+        if self.active:
+            for m in modules:
+                m.to("cpu")
+            _release_cache()
+
+
 # --------------------------------------------------------------------------- Dask workers
 def worker_device(spec: str) -> str:
     """The device a model is built on inside a process: ``cuda`` (one GPU per worker) -> ``cuda:k``.
@@ -358,7 +439,7 @@ def worker_devices(workers: int, device: Device) -> Sequence[str]:
 
 
 __all__ = [
-    "CHOICES", "CPU", "PER_WORKER", "PRECISIONS", "Device", "DeviceError", "OomRetry", "amp_dtype",
+    "CHOICES", "CPU", "PER_WORKER", "PRECISIONS", "Device", "DeviceError", "OomRetry", "TrainingDevice", "amp_dtype",
     "auto_batch_size", "available_devices", "build_on_device", "cuda_count", "dtype_name", "free_bytes",
     "is_out_of_memory", "on_device", "resolve_device", "worker_device", "worker_devices",
 ]

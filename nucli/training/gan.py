@@ -44,11 +44,17 @@ def train_gan(
     resume: bool = False,
     sampler: Any = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    device: Any = None,
 ) -> dict[str, Any]:
-    """Train G and D; returns a summary. Batches hold tensors ``x`` and ``ideal`` (B, 1, H, W)."""
+    """Train G and D; returns a summary. Batches hold tensors ``x`` and ``ideal`` (B, 1, H, W).
+
+    ``device`` (None: the CPU): where the steps run, in mixed precision on a GPU
+    (:class:`nucli.parallel.device.TrainingDevice`); the networks are returned on the CPU.
+    """
     import torch
     import torch.nn.functional as F
 
+    from nucli.parallel.device import TrainingDevice
     from nucli.training.losses import gan_loss
 
     out_dir = Path(out_dir)
@@ -56,6 +62,8 @@ def train_gan(
     ckpt = out_dir / f"{name}.ckpt.safetensors"
     best_path = out_dir / f"{name}.best.safetensors"
     logf = LossLog(out_dir / f"{name}.log.jsonl")
+    dev = TrainingDevice(device)
+    dev.modules(gen, disc)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
     step, best, best_step, elapsed = 0, None, -1, 0.0
@@ -76,7 +84,7 @@ def train_gan(
         if val_fn is None:
             return
         gen.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), dev.on_cpu(gen):
             score, extra = val_fn(gen)
         gen.train()
         logf.write(stage=name, step=step, val_l1=score, **extra)
@@ -95,21 +103,22 @@ def train_gan(
             for opt in (opt_g, opt_d):
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * f
-            batch = next_batch(step)
+            batch = dev.batch(next_batch(step))
             x, y = batch["x"], batch["ideal"]
-            fake = gen(x)
+            with dev.autocast():
+                fake = gen(x)
             # discriminator
             opt_d.zero_grad(set_to_none=True)
-            d_loss = 0.5 * (gan_loss(disc(y), True) + gan_loss(disc(fake.detach()), False))
-            d_loss.backward()
-            opt_d.step()
+            with dev.autocast():
+                d_loss = 0.5 * (gan_loss(disc(y), True) + gan_loss(disc(fake.detach()), False))
+            dev.step(d_loss, opt_d)
             # generator
             opt_g.zero_grad(set_to_none=True)
-            l1 = F.l1_loss(fake, y)
-            adv = gan_loss(disc(fake), True)
-            g_loss = l1 + cfg.lam * adv
-            g_loss.backward()
-            opt_g.step()
+            with dev.autocast():
+                l1 = F.l1_loss(fake, y)
+                adv = gan_loss(disc(fake), True)
+                g_loss = l1 + cfg.lam * adv
+            dev.step(g_loss, opt_g)
             step += 1
             elapsed = time.time() - t0
             parts = {"l1": l1.item(), "adv": adv.item(), "d": d_loss.item()}
@@ -122,6 +131,7 @@ def train_gan(
     if val_fn is None or not best_path.exists():
         save_module(best_path, gen, {"step": step})
         best_step = step
+    dev.release(gen, disc)
     load_module(best_path, gen)
     gen.eval()
     return {"name": name, "steps": step, "best_val_l1": best, "best_step": best_step, "wall_s": round(elapsed, 1)}

@@ -133,8 +133,8 @@ def generator_outputs(gen, samples, stride: int) -> list[np.ndarray]:
 def run_stage(stage: str, train_dir: Path, val_dir: Path | None, out_dir: Path, preset_name: str = "cpu",
               epochs: float | None = None, resume: bool = False, seed: int = 0, limit: int | None = None,
               progress: Callable | None = None, crop: int | None = None, batch: int | None = None,
-              val_limit: int | None = None) -> dict[str, Any]:
-    """Run one training stage; its outputs land in ``out_dir``."""
+              val_limit: int | None = None, device: Any = None) -> dict[str, Any]:
+    """Run one training stage; its outputs land in ``out_dir``. ``device``: where it trains (None: CPU)."""
     import torch
 
     from nucli.training.data import CropSampler, degrade, load_dataset, val_crops
@@ -160,7 +160,8 @@ def run_stage(stage: str, train_dir: Path, val_dir: Path | None, out_dir: Path, 
         cfg = GanConfig(steps=steps, lr=preset["gan"]["lr"], lam=preset["gan"]["lam"],
                         ckpt_every=max(min(50, steps), 1), val_every=max(min(100, steps), 1))
         return train_gan(gen, disc, lambda i: _torch_batch(sampler.next()),
-                         gan_val_fn(val, gen.stride) if val else None, cfg, out_dir, "gan", resume, sampler, progress)
+                         gan_val_fn(val, gen.stride) if val else None, cfg, out_dir, "gan", resume, sampler, progress,
+                         device=device)
 
     if stage == "gan2":
         rc = preset.get("gan_refine")
@@ -177,7 +178,8 @@ def run_stage(stage: str, train_dir: Path, val_dir: Path | None, out_dir: Path, 
         cfg = GanConfig(steps=steps, lr=rc["lr"], lam=preset["gan"]["lam"],
                         ckpt_every=max(min(50, steps), 1), val_every=max(min(100, steps), 1))
         return train_gan(gen, disc, lambda i: _torch_batch(sampler.next()),
-                         gan_val_fn(val, gen.stride) if val else None, cfg, out_dir, "gan2", resume, sampler, progress)
+                         gan_val_fn(val, gen.stride) if val else None, cfg, out_dir, "gan2", resume, sampler, progress,
+                         device=device)
 
     if stage in ("unet", "raw", "finetune", "rawft"):
         uc = preset["finetune"] if stage in ("finetune", "rawft") else preset["unet_train"]
@@ -216,7 +218,8 @@ def run_stage(stage: str, train_dir: Path, val_dir: Path | None, out_dir: Path, 
                          val_every=max(min(100, steps), 1))
         loss_fn = lambda m, b: ce_dice_loss(m(b["x"]), b["cls"], 1.0, 3.0)  # noqa: E731
         vf = unet_val_fn(val, unet.stride, val_in) if val else None
-        return train_supervised(unet, next_batch, loss_fn, vf, cfg, out_dir, stage, resume, sampler, progress)
+        return train_supervised(unet, next_batch, loss_fn, vf, cfg, out_dir, stage, resume, sampler, progress,
+                                device=device)
     raise ValueError(f"unknown stage {stage}")
 
 
@@ -416,8 +419,10 @@ def train_gensegnet(train_dir: Path, out_dir: Path, val_dir: Path | None = None,
                     epochs: float | None = None, resume: bool = False, finetune: bool = True,
                     threads: int | None = None, limit: int | None = None, seed: int = 0,
                     crop: int | None = None, batch: int | None = None,
-                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[str, int, int], None] | None = None, device: Any = None) -> dict[str, Any]:
     """Train both stages (GAN, U-Net on ideal images, optional fine-tune), tune on val, export.
+
+    ``device`` (None: the CPU): where the networks train (a GPU in mixed precision).
 
     ``epochs`` scales every stage relative to the preset's GAN epochs. Writes
     ``gensegnet_<preset>.safetensors``, ``.json`` and ``.md`` into ``out_dir``.
@@ -446,7 +451,7 @@ def train_gensegnet(train_dir: Path, out_dir: Path, val_dir: Path | None = None,
     for stage, ep in plan:
         cb = (lambda s, n, parts, _st=stage: progress(_st, s, n)) if progress else None
         stages[stage] = run_stage(stage, train_dir, val_dir, out_dir, preset, epochs=ep * scale, resume=resume,
-                                  seed=seed, limit=limit, progress=cb, crop=crop, batch=batch)
+                                  seed=seed, limit=limit, progress=cb, crop=crop, batch=batch, device=device)
     summary = assemble(out_dir, preset, val_dir, tune=val_dir is not None)
     summary.update({"data": str(train_dir), "val": str(val_dir) if val_dir else None, "stages": stages,
                     "wall_s": round(time.time() - t0, 1)})

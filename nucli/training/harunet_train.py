@@ -130,8 +130,11 @@ def train_harunet(
     weights_out: Path | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
     tune: bool = True,
+    device: Any = None,
 ) -> dict[str, Any]:
     """Train (or resume) HARU-Net; export the val-selected model to ``weights_out``.
+
+    ``device`` (None: the CPU): where the network trains (a GPU in mixed precision).
 
     Run files (checkpoint, best model, JSON-lines log, data cache) live in
     ``out_dir``; ``resume=True`` continues from the last checkpoint.
@@ -176,7 +179,7 @@ def train_harunet(
     cfg = LoopConfig(steps=steps, lr=lr, ckpt_every=ckpt_every, val_every=val_every, log_every=10,
                      decay_start=0.5, higher_is_better=True)
     summary = train_supervised(net, next_batch, loss_fn, val_fn, cfg, out_dir, NAME, resume=resume,
-                               sampler=sampler, progress=progress)
+                               sampler=sampler, progress=progress, device=device)
     params = None
     if tune and val:
         # thresholds on the full val images: centre crops cut nuclei at their borders
@@ -204,7 +207,7 @@ PRESET_SCHEDULE: dict[str, dict[str, Any]] = {
 
 def train_from_options(data: Path, output: Path, val: Path | None = None, *, preset: str = "cpu",
                        epochs: float | None = None, resume: bool = False, threads: int | None = None,
-                       progress: Any = None) -> dict[str, Any]:
+                       progress: Any = None, device: Any = None) -> dict[str, Any]:
     """What `nucli train --method harunet` runs; writes OUTDIR/harunet_<preset>.safetensors (+ .json)."""
     import json
 
@@ -225,7 +228,7 @@ def train_from_options(data: Path, output: Path, val: Path | None = None, *, pre
 
     summary = train_harunet(Path(data), Path(output), val_dir=Path(val) if val else None, preset=preset,
                             steps=steps, crop=sched["crop"], batch=sched["batch"], lr=sched["lr"], resume=resume,
-                            threads=threads, weights_out=weights, progress=report)
+                            threads=threads, weights_out=weights, progress=report, device=device)
     from nucli.evaluation.labels_io import write_text_atomic
 
     write_text_atomic(json.dumps(summary, indent=2, default=str) + "\n", weights.with_suffix(".json"))

@@ -226,8 +226,12 @@ def train_supervised(
     resume: bool = False,
     sampler: Any = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    device: Any = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.steps`` steps; returns a summary (best score, step, wall time).
+
+    ``device`` (None: the CPU): where the steps run, in mixed precision on a GPU
+    (:class:`nucli.parallel.device.TrainingDevice`); the model is returned on the CPU.
 
     Files in ``out_dir``: ``{name}.ckpt.safetensors`` (+ .json), ``{name}.best.safetensors``,
     ``{name}.log.jsonl``. ``sampler`` (optional) has ``state()``/``set_state()`` so a resumed
@@ -235,11 +239,15 @@ def train_supervised(
     """
     import torch
 
+    from nucli.parallel.device import TrainingDevice
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / f"{name}.ckpt.safetensors"
     best_path = out_dir / f"{name}.best.safetensors"
     logf = LossLog(out_dir / f"{name}.log.jsonl")
+    dev = TrainingDevice(device)
+    dev.modules(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     step, best, best_step, elapsed = 0, None, -1, 0.0
     if resume and ckpt.exists():
@@ -259,7 +267,7 @@ def train_supervised(
         if val_fn is None:
             return
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), dev.on_cpu(model):
             score, extra = val_fn(model)
         model.train()
         better = best is None or (score > best if cfg.higher_is_better else score < best)
@@ -276,11 +284,11 @@ def train_supervised(
         while step < cfg.steps:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * linear_decay(step, cfg.steps, cfg.decay_start)
-            batch = next_batch(step)
-            loss, parts = loss_fn(model, batch)
+            batch = dev.batch(next_batch(step))
+            with dev.autocast():
+                loss, parts = loss_fn(model, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            dev.step(loss, opt)
             step += 1
             elapsed = time.time() - t0
             parts = {"loss": loss.item(), **parts}
@@ -293,6 +301,7 @@ def train_supervised(
     if val_fn is None or not best_path.exists():
         save_module(best_path, model, {"step": step})
         best_step = step
+    dev.release(model)
     load_module(best_path, model)
     model.eval()
     return {"name": name, "steps": step, "best": best, "best_step": best_step, "wall_s": round(elapsed, 1),
