@@ -168,10 +168,15 @@ def variant(stain: str = "hematoxylin", crop: int | None = None) -> str:
     return ("" if stain == "hematoxylin" else f"-{stain}") + ("" if crop is None else f"-crop{int(crop)}")
 
 
-def demo_outputs(out_dir: Path, method: str, stain: str = "hematoxylin", crop: int | None = None) -> dict[str, Path]:
-    """Where the demo writes: the slide, and the outputs of ``method`` on it."""
+def demo_outputs(out_dir: Path, method: str, stain: str = "hematoxylin", crop: int | None = None,
+                 objects: Any = None) -> dict[str, Path]:
+    """Where the demo writes: the slide, and the outputs of ``method`` on it (``-cells``/``-dab`` when
+    ``objects`` asks for cells or positivity, so they never mix with plain nuclei)."""
     v = variant(stain, crop)
-    d = Path(out_dir) / f"{method}{v}"
+    extra = ""
+    if objects is not None:
+        extra = ("-cells" if objects.cells else "") + ("-dab" if objects.positivity is not None else "")
+    d = Path(out_dir) / f"{method}{v}{extra}"
     return {"slide": Path(out_dir) / f"slide{v}.svs", "geojson": d / "nuclei.geojson", "csv": d / "nuclei.csv",
             "overlay": d / "overlay.png", "store": d / "nuclei.nucli.zarr"}
 
@@ -186,6 +191,7 @@ def run_demo(
     overwrite: bool = False,
     progress: bool = True,
     device: Any = "cpu",
+    objects: Any = None,
 ) -> dict[str, Any]:
     """Make the demo slide (once) and segment it; returns the summary (``status``: ``done`` or ``exists``).
 
@@ -210,7 +216,7 @@ def run_demo(
 
         raise UsageError(f"unknown --stain '{stain}'; choose one of: {', '.join(STAINS)}")
     name = _check_method(method, weights)
-    files = demo_outputs(out_dir, name, stain, crop)
+    files = demo_outputs(out_dir, name, stain, crop, objects)
     slide = files["slide"]
     targets = [files["geojson"], files["csv"], files["overlay"]]
     if not overwrite and slide.exists() and all(p.exists() for p in targets):
@@ -224,7 +230,7 @@ def run_demo(
         made_slide = True
     summary = segment_to_outputs(slide, files["geojson"], method=name, weights=weights, formats=["csv"],
                                  overlay=files["overlay"], store=files["store"], overwrite=overwrite,
-                                 progress=progress, device=dev)
+                                 progress=progress, device=dev, objects=objects)
     return {
         "status": "done",
         "method": name,
@@ -240,9 +246,14 @@ def run_demo(
         "measurements": str(files["csv"]),
         "overlay": str(files["overlay"]),
         "store": str(files["store"]),
+        **{k: v for k, v in summary.items() if k in _OBJECT_KEYS},
         **dev.record(),
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+_OBJECT_KEYS = ("objects", "cell_expansion_um", "cells", "positivity", "positivity_thresholds", "positive", "negative",
+                "1+", "2+", "3+", "positive_percent", "h_score")
 
 
 def readme_picture(overlay: str | Path, dest: str | Path, *, box: tuple[int, int, int, int] | None = None,

@@ -419,6 +419,7 @@ def segment_to_outputs(
     precision: str | None = None,
     runner=None,
     shard=None,
+    objects=None,
 ) -> dict:
     """``nucli segment``: tile (if given a slide), segment, stitch, export. Returns the summary.
 
@@ -430,6 +431,9 @@ def segment_to_outputs(
     With ``shard='i/n'`` the source must be a run store and ``output`` None: only
     that shard's tiles are segmented (no stitch; run ``nucli stitch`` once all
     shards have finished).
+
+    ``objects`` (:func:`nucli.export.cells.object_options`): export cells and/or DAB positivity classes;
+    what the slide cannot give (no pixel size for cells, no DAB stain) is refused before segmenting.
     """
     from pathlib import Path
 
@@ -475,9 +479,12 @@ def segment_to_outputs(
                     "the stitch (re-tile with a larger --overlap)", run_store.overlap,
                     m.config.max_nucleus_diameter_px)
     bs = batch_for(dev, run_store, m, batch_size)
+    from nucli.export.cells import check_store
+
+    check_store(run_store, objects)  # what the slide cannot give is refused before segmenting
     seg = segment_store(run_store, m, batch_size=bs, overwrite=overwrite, progress=progress,
                         runner=runner, recipe=recipe, device=dev.record())
-    summary = stitch_to_outputs(run_store, outputs, overlay=overlay, progress=progress)
+    summary = stitch_to_outputs(run_store, outputs, overlay=overlay, progress=progress, objects=objects)
     summary["method"] = m.name
     summary["tiles_segmented_now"] = seg.tiles_segmented
     summary["runner"] = runner.describe()
@@ -555,15 +562,22 @@ def _segment_shard(source, shard, *, method, weights, batch_size, output, format
     }
 
 
-def stitch_to_outputs(store: RunStore, outputs: dict, *, overlay=None, progress: bool = True) -> dict:
-    """Stitch a segmented store into the given outputs; the summary (nuclei, tissue, density, paths)."""
+def stitch_to_outputs(store: RunStore, outputs: dict, *, overlay=None, progress: bool = True, objects=None) -> dict:
+    """Stitch a segmented store into the given outputs; the summary (nuclei, tissue, density, paths).
+
+    ``objects`` (:func:`nucli.export.cells.object_options`): cells and/or DAB positivity classes.
+    """
     from pathlib import Path
 
     from nucli.export import make_sinks
+    from nucli.export.cells import ObjectStage, check_store
     from nucli.stitching import stitch_store
 
     start = time.perf_counter()
-    stats = stitch_store(store, make_sinks(outputs, Path(overlay) if overlay else None), progress=progress)
+    check_store(store, objects)
+    sinks = make_sinks(outputs, Path(overlay) if overlay else None, objects)
+    stats = stitch_store(store, sinks, progress=progress)
+    object_summary = next((s.summary() for s in sinks if isinstance(s, ObjectStage)), {})
     density = stats.density_per_mm2
     paths = [str(p) for p in outputs.values()] + ([str(overlay)] if overlay else [])
     meta = store.meta
@@ -578,6 +592,7 @@ def stitch_to_outputs(store: RunStore, outputs: dict, *, overlay=None, progress:
         **({"auto_zoom": meta["auto_scale"]["zoom"]} if meta.get("auto_scale") else {}),
         "method": (store.stage_meta(STAGE) or {}).get("method"),
         "store": str(store.path),
+        **object_summary,
         "outputs": paths,
         "seconds": round(time.perf_counter() - start, 2),
     }

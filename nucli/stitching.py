@@ -75,6 +75,8 @@ class Nucleus:
     measurements: dict[str, float]
     score: float | None = None
     label: int = 0  # global id (label image value), set when emitted
+    cell: Any = None  # shapely Polygon, level-0 px: the cell grown from this nucleus (--objects cells)
+    classification: str | None = None  # e.g. "Positive" (--positivity); None: the default class
 
     @property
     def y1(self) -> int:
@@ -285,6 +287,7 @@ def tile_nuclei(
     from scipy import ndimage as ndi
 
     from nucli.export.measurements import measure
+    from nucli.export.qupath_grid import snap
     from nucli.postprocess import BRIGHTFIELD, FLUORESCENCE, is_pale_pink, nucleus_channel
 
     labels = np.asarray(labels)
@@ -320,15 +323,18 @@ def tile_nuclei(
         poly_w = polygon_of(mask, x0, y0)
         if poly_w is None:
             continue
-        meas = measure(mask, channel[sl], x0=x0, y0=y0, perimeter_w=poly_w.length, polygon_area_w=poly_w.area,
-                       polygon_hull_area_w=poly_w.convex_hull.area,
+        # the level-0 polygon on QuPath's 0.01 px grid, measured as written
+        poly0 = snap(shapely.transform(poly_w, lambda c: c * d) if d != 1.0 else poly_w)
+        if poly0 is None:
+            continue
+        meas = measure(mask, channel[sl], x0=x0, y0=y0, perimeter_w=poly0.length / d,
+                       polygon_area_w=poly0.area / (d * d), polygon_hull_area_w=poly0.convex_hull.area / (d * d),
                        downsample=d, um_per_px=frame.um_per_px, brightfield=frame.brightfield)
         if frame.brightfield and frame.min_hematoxylin_od > 0:
             px = pixels[sl][mask]
             if is_pale_pink(meas.get("channel_mean", 1.0), px[:, 0].mean(), px[:, 1].mean(), px[:, 2].mean(),
                             frame.min_hematoxylin_od):
                 continue  # pink with little hematoxylin on H&E: stroma or cytoplasm (the method's setting)
-        poly0 = shapely.transform(poly_w, lambda c: c * d) if d != 1.0 else poly_w
         score = None
         if scores is not None and lab < len(scores) and not math.isnan(float(scores[lab])):
             score = float(scores[lab])

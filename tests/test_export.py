@@ -54,14 +54,15 @@ def test_geojson_is_what_qupath_imports(segmented, tmp_path):
     m = feats[0]["properties"]["measurements"]
     for name in ("Area µm^2", "Area px^2", "Centroid X µm", "Perimeter µm", "Circularity", "Solidity",
                  "Eccentricity", "Major axis µm", "Minor axis µm", "Orientation °", "Score"):
-        assert name in m
+        assert "Nucleus: " + name in m
+        assert name not in m  # QuPath's own names: hidden ("Duplicate measurement") or overwritten
 
 
 def test_qupath_rule_checker_rejects_what_qupath_rejects():
     good = {"type": "Feature", "id": str(uuid.uuid4()),
             "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [4, 4], [0, 0]]]},
             "properties": {"objectType": "detection", "classification": {"name": "Nucleus", "color": [1, 2, 3]},
-                           "measurements": {"Area px^2": 8.0}}}
+                           "measurements": {"Nucleus: Area px^2": 8.0}}}
     assert check_qupath_feature(good) == []
     # a FeatureCollection, a bare array and a single Feature are all accepted
     assert qupath_features({"type": "FeatureCollection", "features": [good]}) == [good]
@@ -87,6 +88,21 @@ def test_qupath_rule_checker_rejects_what_qupath_rejects():
     assert broken(geometry__coordinates=[[[0, 0], [40, 0], [4, 4], [0, 0]]])  # outside the slide
     assert broken(geometry__coordinates=[[[0, 0], [4, 4], [4, 0], [0, 4], [0, 0]]])  # bow-tie: invalid
     assert broken(properties__measurements={"Area": float("nan")})
+    # a class without a colour, or one invalid polygon, makes QuPath refuse the whole file: never written
+    assert broken(properties__classification={"name": "Positive"})
+    # names QuPath computes itself would be hidden (centroids) or overwritten (Add shape features)
+    assert broken(properties__measurements={"Centroid X µm": 1.0})
+    assert broken(properties__measurements={"Area µm^2": 1.0})
+    # QuPath rounds vertices to 0.01 px: a vertex off that grid would move on import
+    assert broken(geometry__coordinates=[[[0, 0], [4.005, 0], [4, 4], [0, 0]]])
+    # a cell needs its nucleus; a detection has none
+    assert broken(properties__objectType="cell")
+    cell = json.loads(json.dumps(good))
+    cell["properties"]["objectType"] = "cell"
+    cell["properties"]["nucleusGeometry"] = {"type": "Polygon", "coordinates": [[[1, 1], [2, 1], [2, 2], [1, 1]]]}
+    assert check_qupath_feature(cell) == []
+    cell["properties"]["nucleusGeometry"]["coordinates"] = [[[1, 1], [2, 2], [2, 1], [1, 2], [1, 1]]]
+    assert check_qupath_feature(cell)  # bow-tie nucleus
 
 
 def test_coordinates_are_level0(segmented, tmp_path):

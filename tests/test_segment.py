@@ -229,7 +229,7 @@ def test_cmu_end_to_end(cmu_run):
     assert summary["nuclei"] == len(feats) > 1000
     assert summary["residual_overlaps_removed"] <= 0.005 * summary["nuclei"]
     assert all(check_qupath_feature(f, bounds=(2220, 2967)) == [] for f in feats)
-    assert "Area µm^2" in feats[0]["properties"]["measurements"]
+    assert "Nucleus: Area µm^2" in feats[0]["properties"]["measurements"]
     assert (d / "cmu.png").stat().st_size > 0 and (d / "cmu.csv").exists()
     assert 0.1 < summary["tissue_area_mm2"] < 1.7  # the slide is 1.1 x 1.5 mm
 

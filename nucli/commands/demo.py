@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from nucli.commands import _object_options as obj
 from nucli.commands import _options as opt
 from nucli.commands._common import handle_errors
 
@@ -32,6 +33,10 @@ def run(
     crop: Crop = None,
     stain: Stain = "hematoxylin",
     device: opt.Device = "auto",
+    objects: obj.Objects = obj.ObjectsKind.detections,
+    cell_expansion: obj.CellExpansion = None,
+    positivity: obj.Positivity = None,
+    positivity_threshold: obj.PositivityThreshold = None,
     overwrite: opt.Overwrite = False,
     quiet: opt.Quiet = False,
     json_summary: opt.JsonSummary = False,
@@ -47,11 +52,15 @@ def run(
       nucli demo --method watershed -o /tmp/demo
 
       nucli demo --json --quiet
+
+      The IHC image with its brown DAB, cells classed Positive/Negative as QuPath's positive cell detection does:
+      nucli demo --stain ihc --objects cells --positivity dab
     """
     from nucli.demo import run_demo
 
+    exported = obj.options(objects, cell_expansion, positivity, positivity_threshold)
     summary = run_demo(output, method=method, weights=weights, crop=crop, stain=stain, overwrite=overwrite,
-                       progress=not (quiet or json_summary), device=device)
+                       progress=not (quiet or json_summary), device=device, objects=exported)
     from nucli.commands._common import print_summary, stdout
 
     print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli demo")

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from nucli.commands import _object_options as obj
 from nucli.commands import _options as opt
 from nucli.commands._common import handle_errors
 
@@ -52,6 +53,10 @@ def run(
     cluster: opt.Cluster = None,
     cluster_config: opt.ClusterConfig = None,
     shard: opt.Shard = None,
+    objects: obj.Objects = obj.ObjectsKind.detections,
+    cell_expansion: obj.CellExpansion = None,
+    positivity: obj.Positivity = None,
+    positivity_threshold: obj.PositivityThreshold = None,
     quiet: opt.Quiet = False,
     json_summary: opt.JsonSummary = False,
 ) -> None:
@@ -73,6 +78,9 @@ def run(
       On a machine with 4 GPUs: one Dask worker per GPU:
       nucli segment slide.svs -o slide.geojson --device cuda --workers 4
 
+      Ki67 on an IHC slide: QuPath cells classed Positive/Negative by nuclear DAB:
+      nucli segment ki67.svs -o ki67.geojson --objects cells --positivity dab
+
       Job 0 of a 4-job HPC array on a store made by nucli tile:
       nucli segment slide.zarr --shard 0/4
     """
@@ -82,6 +90,7 @@ def run(
     from nucli.parallel.device import resolve_device
     from nucli.pipeline import segment_to_outputs
 
+    exported = obj.options(objects, cell_expansion, positivity, positivity_threshold)
     remote = scheduler is not None or getattr(cluster, "value", cluster) == "slurm"
     dev = resolve_device(device, remote=remote)  # a device this machine lacks: one line, nothing created
     with make_runner(workers=workers, threads=threads, scheduler=scheduler, cluster=cluster,
@@ -91,5 +100,6 @@ def run(
             weights=weights, batch_size=batch_size, mpp=parse_mpp(mpp), mpp_target=mpp_target, tile_size=tile_size,
             overlap=overlap, tissue_mask=tissue_mask, overwrite=overwrite, progress=not (quiet or json_summary),
             device=dev, precision=precision, runner=runner, shard=shard,
+            objects=exported,
         )
     print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli segment")

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from nucli.commands import _object_options as obj
 from nucli.commands import _options as opt
 from nucli.commands._common import handle_errors
 
@@ -28,6 +29,10 @@ def run(
     formats: Formats = None,
     overlay: OverlayPath = None,
     overwrite: opt.Overwrite = False,
+    objects: obj.Objects = obj.ObjectsKind.detections,
+    cell_expansion: obj.CellExpansion = None,
+    positivity: obj.Positivity = None,
+    positivity_threshold: obj.PositivityThreshold = None,
     quiet: opt.Quiet = False,
     json_summary: opt.JsonSummary = False,
 ) -> None:
@@ -51,8 +56,10 @@ def run(
     from nucli.pipeline import stitch_to_outputs
     from nucli.tiling.store import RunStore
 
+    exported = obj.options(objects, cell_expansion, positivity, positivity_threshold)
     outputs = resolve_outputs(output, list(formats or []))
     check_outputs([*outputs.values(), *([overlay] if overlay else [])], overwrite, inputs=[("the run store", store)])
     run_store = RunStore.open(store, mode="r")
-    summary = stitch_to_outputs(run_store, outputs, overlay=overlay, progress=not (quiet or json_summary))
+    summary = stitch_to_outputs(run_store, outputs, overlay=overlay, progress=not (quiet or json_summary),
+                                objects=exported)
     print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli stitch")

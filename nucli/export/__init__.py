@@ -98,8 +98,9 @@ def check_outputs(paths: list[Path], overwrite: bool, inputs: list[tuple[str, Pa
         check_writable(Path(p))
 
 
-def make_sinks(outputs: dict[str, Path], overlay: Path | None = None) -> list[Any]:
-    """One exporter per output."""
+def make_sinks(outputs: dict[str, Path], overlay: Path | None = None, objects: Any = None) -> list[Any]:
+    """One exporter per output; with ``objects`` (:class:`nucli.export.cells.ObjectOptions` asking for cells
+    or positivity) behind one :class:`~nucli.export.cells.ObjectStage` that adds them."""
     from nucli.export.geojson import GeoJSONSink
     from nucli.export.labels import LabelImageSink
     from nucli.export.measurements import MeasurementsSink
@@ -108,11 +109,15 @@ def make_sinks(outputs: dict[str, Path], overlay: Path | None = None) -> list[An
     sinks: list[Any] = []
     for fmt, path in outputs.items():
         if fmt in ("geojson", "geojson.gz"):
-            sinks.append(GeoJSONSink(path))
+            sinks.append(GeoJSONSink(path, objects))
         elif fmt in ("csv", "parquet"):
-            sinks.append(MeasurementsSink(path, fmt))
+            sinks.append(MeasurementsSink(path, fmt, objects))
         elif fmt == "labels":
             sinks.append(LabelImageSink(path))
     if overlay is not None:
         sinks.append(OverlaySink(overlay))
+    if objects is not None and objects.active:
+        from nucli.export.cells import ObjectStage
+
+        return [ObjectStage(sinks, objects)]
     return sinks

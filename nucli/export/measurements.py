@@ -1,31 +1,22 @@
-"""Per-nucleus measurements and the measurements table (CSV, or Parquet with pyarrow).
+"""Per-nucleus (and per-cell) measurements and the measurements table (CSV, or Parquet with pyarrow).
 
-Every value is computed from the owning tile's pixels at the working resolution
-and scaled: lengths by the downsample (level-0 px) and by µm per working px
-(µm), areas by their squares. When the slide's pixel size is unknown the µm
-columns are left out (CSV) / not written (GeoJSON).
+Every nucleus value is computed from the owning tile's pixels at the working
+resolution and scaled: lengths by the downsample (level-0 px) and by µm per
+working px (µm), areas by their squares. Polygon measurements (perimeter,
+circularity, solidity, and every cell shape value) are computed from the polygon
+exactly as written to the GeoJSON (level-0 px, on QuPath's 0.01 px grid). When
+the slide's pixel size is unknown the µm columns are left out (CSV) / not
+written (GeoJSON).
 
-Columns (CSV name -> GeoJSON ``measurements`` name):
-
-=========================  ===========================  ===============================================
-``id``                     Feature ``id``               UUID, same as in the GeoJSON
-``label``                  --                           value of this nucleus in the label image
-``centroid_x_px`` / ``_y`` ``Centroid X px`` / ``Y``    level-0 px, origin at the slide's top-left
-``centroid_x_um`` / ``_y`` ``Centroid X µm`` / ``Y``    µm from the slide's top-left
-``area_px2``, ``area_um2`` ``Area px^2``, ``Area µm^2`` pixel count (level-0 px² / µm²)
-``perimeter_*``            ``Perimeter px`` / ``µm``    length of the exported polygon
-``equivalent_diameter_*``  ``Equivalent diameter ...``  diameter of the circle of equal area
-``major_axis_*``,          ``Major axis ...``,          axes of the ellipse with the same second
-``minor_axis_*``           ``Minor axis ...``           moments
-``eccentricity``           ``Eccentricity``             of that ellipse (0 = circle)
-``solidity``               ``Solidity``                 polygon area / its convex-hull area
-``circularity``            ``Circularity``              4π·area / perimeter² of the polygon (1 = circle)
-``orientation_deg``        ``Orientation °``            major axis angle from +x towards +y (image
-                                                        down), in (-90, 90]
-``hematoxylin_mean``/_std  ``Hematoxylin OD mean``/std  brightfield: colour deconvolution, OD units
-``intensity_mean``/_std    ``Intensity mean``/std       fluorescence: brightest channel, 0-255
-``score``                  ``Score``                    the method's per-nucleus score (if it gives one)
-=========================  ===========================  ===============================================
+GeoJSON names follow QuPath's own cell detection (``Nucleus: ...``, ``Cell: ...``,
+``Cytoplasm: ...``), so that they never collide with the measurements QuPath
+computes from an object's outline (``Centroid X µm``, ``Area µm^2``,
+``Circularity``, ... of *Add shape features* on detections). The CSV holds the
+same values under the column names listed in :func:`columns` (one-to-one; see
+docs/outputs.md for the table). Areas: ``area_*`` / ``Nucleus: Area`` count the
+nucleus' pixels (103 px² for 103 pixels); ``cell_area_*`` / ``Cell: Area`` are
+the area of the cell polygon (its boundary follows pixel edges, so it is the
+cell's pixel count up to the 0.01 px rounding).
 """
 
 from __future__ import annotations
@@ -49,36 +40,68 @@ class Column:
     needs_mpp: bool = False
 
 
-def columns(*, has_mpp: bool, brightfield: bool, has_scores: bool) -> list[Column]:
-    """The measurement columns for one slide, in table order."""
-    ch = ("hematoxylin", "Hematoxylin OD") if brightfield else ("intensity", "Intensity")
+CHANNEL = {True: ("hematoxylin", "Hematoxylin OD"), False: ("intensity", "Intensity")}
+
+
+def columns(*, has_mpp: bool, brightfield: bool, has_scores: bool, cells: bool = False, dab: bool = False,
+            classified: bool = False) -> list[Column]:
+    """The measurement columns for one slide, in table order (CSV key, GeoJSON name)."""
+    ch, chq = CHANNEL[bool(brightfield)]
     cols = [
         Column("id", None),
         Column("label", None),
-        Column("centroid_x_px", "Centroid X px"),
-        Column("centroid_y_px", "Centroid Y px"),
-        Column("centroid_x_um", "Centroid X µm", True),
-        Column("centroid_y_um", "Centroid Y µm", True),
-        Column("area_px2", "Area px^2"),
-        Column("area_um2", "Area µm^2", True),
-        Column("perimeter_px", "Perimeter px"),
-        Column("perimeter_um", "Perimeter µm", True),
-        Column("equivalent_diameter_px", "Equivalent diameter px"),
-        Column("equivalent_diameter_um", "Equivalent diameter µm", True),
-        Column("major_axis_px", "Major axis px"),
-        Column("major_axis_um", "Major axis µm", True),
-        Column("minor_axis_px", "Minor axis px"),
-        Column("minor_axis_um", "Minor axis µm", True),
-        Column("eccentricity", "Eccentricity"),
-        Column("solidity", "Solidity"),
-        Column("circularity", "Circularity"),
-        Column("orientation_deg", "Orientation °"),
-        Column(f"{ch[0]}_mean", f"{ch[1]} mean"),
-        Column(f"{ch[0]}_std", f"{ch[1]} std"),
     ]
+    if classified:
+        cols.append(Column("class", None))
+    cols += [
+        Column("centroid_x_px", "Nucleus: Centroid X px"),
+        Column("centroid_y_px", "Nucleus: Centroid Y px"),
+        Column("centroid_x_um", "Nucleus: Centroid X µm", True),
+        Column("centroid_y_um", "Nucleus: Centroid Y µm", True),
+        Column("area_px2", "Nucleus: Area px^2"),
+        Column("area_um2", "Nucleus: Area µm^2", True),
+        Column("perimeter_px", "Nucleus: Perimeter px"),
+        Column("perimeter_um", "Nucleus: Perimeter µm", True),
+        Column("equivalent_diameter_px", "Nucleus: Equivalent diameter px"),
+        Column("equivalent_diameter_um", "Nucleus: Equivalent diameter µm", True),
+        Column("major_axis_px", "Nucleus: Major axis px"),
+        Column("major_axis_um", "Nucleus: Major axis µm", True),
+        Column("minor_axis_px", "Nucleus: Minor axis px"),
+        Column("minor_axis_um", "Nucleus: Minor axis µm", True),
+        Column("eccentricity", "Nucleus: Eccentricity"),
+        Column("solidity", "Nucleus: Solidity"),
+        Column("circularity", "Nucleus: Circularity"),
+        Column("orientation_deg", "Nucleus: Orientation °"),
+        Column(f"{ch}_mean", f"Nucleus: {chq} mean"),
+        Column(f"{ch}_std", f"Nucleus: {chq} std dev"),
+    ]
+    if dab:
+        cols += [Column("dab_mean", "Nucleus: DAB OD mean"), Column("dab_std", "Nucleus: DAB OD std dev")]
     if has_scores:
-        cols.append(Column("score", "Score"))
+        cols.append(Column("score", "Nucleus: Score"))
+    if cells:
+        cols += [
+            Column("cell_area_px2", "Cell: Area px^2"),
+            Column("cell_area_um2", "Cell: Area µm^2", True),
+            Column("cell_perimeter_px", "Cell: Perimeter px"),
+            Column("cell_perimeter_um", "Cell: Perimeter µm", True),
+            Column("cell_circularity", "Cell: Circularity"),
+            Column("cell_solidity", "Cell: Solidity"),
+            Column("nucleus_cell_area_ratio", "Nucleus/Cell area ratio"),
+            Column(f"cell_{ch}_mean", f"Cell: {chq} mean"),
+            Column(f"cytoplasm_{ch}_mean", f"Cytoplasm: {chq} mean"),
+        ]
+        if dab:
+            cols += [Column("cell_dab_mean", "Cell: DAB OD mean"), Column("cytoplasm_dab_mean", "Cytoplasm: DAB OD mean")]
     return [c for c in cols if has_mpp or not c.needs_mpp]
+
+
+def columns_for(frame: Any, options: Any = None) -> list[Column]:
+    """The columns of one export: the slide (``frame``) and the object options (cells, positivity)."""
+    return columns(has_mpp=frame.um_per_px is not None, brightfield=frame.brightfield, has_scores=frame.has_scores,
+                   cells=bool(options is not None and options.cells),
+                   dab=bool(options is not None and options.positivity is not None),
+                   classified=bool(options is not None and options.positivity is not None))
 
 
 def measure(
@@ -160,11 +183,13 @@ def measure(
 def row_values(nucleus: Any, cols: list[Column], brightfield: bool) -> dict[str, Any]:
     """A nucleus' values keyed by column key (channel columns renamed for the modality)."""
     m = dict(nucleus.measurements)
-    ch = "hematoxylin" if brightfield else "intensity"
-    m[f"{ch}_mean"] = m.pop("channel_mean", float("nan"))
+    ch = CHANNEL[bool(brightfield)][0]
+    for part in ("", "cell_", "cytoplasm_"):
+        m[f"{part}{ch}_mean"] = m.pop(f"{part}channel_mean", float("nan"))
     m[f"{ch}_std"] = m.pop("channel_std", float("nan"))
     m["id"] = nucleus.uid
     m["label"] = nucleus.label
+    m["class"] = getattr(nucleus, "classification", None) or ""
     m["score"] = nucleus.score if nucleus.score is not None else float("nan")
     return {c.key: m.get(c.key, float("nan")) for c in cols}
 
@@ -181,9 +206,10 @@ def _fmt(value: Any) -> str:
 class MeasurementsSink(Sink):
     """Streams one table row per nucleus to CSV or Parquet (atomic: temp file, then rename)."""
 
-    def __init__(self, path: Path, fmt: str = "csv"):
+    def __init__(self, path: Path, fmt: str = "csv", options: Any = None):
         self.path = Path(path)
         self.fmt = fmt
+        self.options = options
         self._file: AtomicFile | None = None
         self._writer: Any = None
         self._rows: list[dict[str, Any]] = []
@@ -191,8 +217,7 @@ class MeasurementsSink(Sink):
 
     def open(self, frame: Any) -> None:
         self.brightfield = frame.brightfield
-        self.cols = columns(has_mpp=frame.um_per_px is not None, brightfield=frame.brightfield,
-                            has_scores=frame.has_scores)
+        self.cols = columns_for(frame, self.options)
         if self.fmt == "parquet":
             _require_pyarrow()
             self._file = AtomicFile(self.path, binary=True)
@@ -219,7 +244,7 @@ class MeasurementsSink(Sink):
         if not self._rows and self._pq_writer is not None:
             return
         data = {c.key: [r[c.key] for r in self._rows] for c in self.cols}
-        types = {c.key: (pa.string() if c.key == "id" else pa.int64() if c.key == "label" else pa.float64())
+        types = {c.key: (pa.string() if c.key in ("id", "class") else pa.int64() if c.key == "label" else pa.float64())
                  for c in self.cols}
         table = pa.table({k: pa.array(v, type=types[k]) for k, v in data.items()})
         if self._pq_writer is None:
@@ -257,4 +282,4 @@ def parquet_available() -> bool:
     return True
 
 
-__all__ = ["Column", "columns", "measure", "MeasurementsSink", "parquet_available"]
+__all__ = ["Column", "columns", "columns_for", "measure", "MeasurementsSink", "parquet_available"]
