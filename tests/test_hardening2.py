@@ -241,3 +241,37 @@ def test_two_tile_runs_into_the_same_new_folder(he_png, tmp_path):
         assert store.is_complete("tile")
         np.testing.assert_array_equal(np.asarray(store.array("tiles")[:]), ref_tiles)
         assert sorted(p.name for p in out.parent.iterdir()) == ["run.zarr"]
+
+
+# ====================================================================== run stores against their schema
+def _retype(store: Path, name: str, dtype: str | None = None, shape: tuple | None = None) -> None:
+    """Edit the dtype/shape recorded for array ``name`` (what a hand-edited store looks like)."""
+    meta = store / name / "zarr.json"
+    doc = json.loads(meta.read_text())
+    if dtype is not None:
+        doc["data_type"] = dtype
+        doc["fill_value"] = 0.0 if dtype.startswith("float") else 0
+    if shape is not None:
+        doc["shape"] = list(shape)
+    meta.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("name, dtype, shape, words", [
+    ("labels", "float32", None, "array 'labels' is float32"),
+    ("labels", None, "grow", "array 'labels' is int32 of shape"),
+    ("tiles", "uint16", None, "array 'tiles' is uint16"),
+    ("origin", "float64", None, "array 'origin' is float64"),
+    ("done/segment", "int64", None, "array 'done/segment' is int64"),
+])
+def test_a_store_whose_arrays_were_edited_is_refused(run_dir, tmp_path, name, dtype, shape, words):
+    d = fresh_run(run_dir, tmp_path / "run")
+    store = d / "n.nucli.zarr"
+    if shape == "grow":
+        old = json.loads((store / name / "zarr.json").read_text())["shape"]
+        shape = (old[0], old[1] + 1, old[2])
+    _retype(store, name, dtype, shape)
+    before = snapshot(tmp_path)
+    for args in (["stitch", store, "-o", d / "x.geojson"],
+                 ["segment", store, "--method", "watershed", "-o", d / "y.geojson"]):
+        one_line_error(invoke(*args), 2, "run store is damaged", words, "--overwrite")
+    assert snapshot(tmp_path) == before

@@ -40,6 +40,19 @@ ALL_CHUNKS_KEY = "chunks_always_written"
 _WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
+SCHEMA: dict[str, tuple[str, tuple]] = {
+    "tiles": ("uint8", ("T", "T", "C")),
+    "index": ("int32", (2,)),
+    "origin": ("int64", (2,)),
+    "origin_level0": ("float64", (2,)),
+    "labels": ("int32", ("T", "T")),
+    "scores": ("float32", (None,)),
+    "enhanced": ("uint8", ("T", "T")),
+}
+"""dtype and shape after the tile axis (T: tile size, C: channels, None: any) of every array a stage reads;
+``done/<stage>`` records are uint8 of shape (N,)."""
+
+
 def _zarr():
     import zarr
 
@@ -169,12 +182,28 @@ class RunStore:
         return store
 
     def _check_arrays(self) -> None:
-        """The tiles array fits the metadata, and the tile positions (one chunk each) are on disk."""
+        """Every array nucli reads has the dtype and shape of the schema (:data:`SCHEMA`; an edited store gives
+        a one-line error, never a silently different result), and the tile positions are on disk."""
         meta = self.meta
         n, t = meta["n_tiles"], meta["tile_size"]
-        if self.has("tiles") and tuple(self._g["tiles"].shape[:3]) != (n, t, t):
-            raise StoreError(f"{self.path}: run store is damaged (tiles array of shape {self._g['tiles'].shape} "
-                             f"for {n} tiles of {t} px); pass --overwrite to redo the run")
+        c = meta.get("channels", 3)
+        names = [name for name in SCHEMA if self.has(name)]
+        if self.has("done"):
+            try:
+                names += [f"done/{k}" for k in self._g["done"].array_keys()]
+            except Exception:  # noqa: BLE001 - 'done' that is not a group
+                raise StoreError(f"{self.path}: run store is damaged ('done' is not a group of done records); "
+                                 "pass --overwrite to redo the run") from None
+        for name in names:
+            dtype, tail = SCHEMA.get(name, ("uint8", ()))
+            want = (n, *[{"T": t, "C": c}.get(v, v) for v in tail])
+            arr = self._g[name]
+            shape = tuple(arr.shape)
+            if (np.dtype(arr.dtype) != np.dtype(dtype) or len(shape) != len(want)
+                    or any(w is not None and s != w for s, w in zip(shape, want))):
+                spell = "(" + ", ".join("K" if w is None else str(w) for w in want) + ")"
+                raise StoreError(f"{self.path}: run store is damaged (array '{name}' is {arr.dtype} of shape "
+                                 f"{shape}, expected {dtype} {spell}); pass --overwrite to redo the run")
         if not meta.get(ALL_CHUNKS_KEY) or not n:
             return
         for name in ("index", "origin", "origin_level0"):
