@@ -9,9 +9,9 @@ How a cell is grown (working pixels, pixel centres):
 
 * every pixel within ``--cell-expansion`` µm of a nucleus pixel (Euclidean, the
   exact distance transform) may join that nucleus' cell; a pixel that several
-  nuclei could take goes to the nearest one (ties: the nucleus that comes first
-  in output order), so touching cells split between them, as QuPath's cell
-  expansion does, and no two cells share a pixel;
+  nuclei could take goes to the nearest one (ties: the nucleus whose centre is
+  higher up, then further left), so touching cells split between them, as
+  QuPath's cell expansion does, and no two cells share a pixel;
 * expansion pixels must be tissue: brightfield pixels whose optical density is
   above 0.15 in the majority of their 5 x 5 neighbourhood (fluorescence: any
   analysed pixel); nothing outside the analysed tiles;
@@ -295,7 +295,7 @@ class ObjectStage(Sink):
 
     def _grow_cells(self, ready: list[Any]) -> None:
         competitors = self.recent + ready + list(self.queue)
-        competitors.sort(key=lambda n: n.order)
+        competitors.sort(key=_tie_key)
         rank = {id(n): k for k, n in enumerate(competitors)}
         R = self.R
         boxes = np.array([(n.x0 - R, n.y0 - R, n.x0 + n.mask.shape[1] + R, n.y0 + n.mask.shape[0] + R)
@@ -447,6 +447,13 @@ class ObjectStage(Sink):
         if dab is not None:
             m["cell_dab_mean"] = mean(dab, region)
             m["cytoplasm_dab_mean"] = mean(dab, cyto)
+
+
+def _tie_key(n: Any) -> tuple[float, float, float]:
+    """Which nucleus takes a pixel two nuclei are equally near: the one whose centre is higher up, then further
+    left (the centre of its pixels: the same however the slide was tiled, unlike the output order)."""
+    m = n.measurements
+    return (m.get("centroid_y_px", 0.0), m.get("centroid_x_px", 0.0), m.get("area_px2", 0.0))
 
 
 def _chunks(nuclei: list[Any], R: int) -> list[list[Any]]:
