@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from nucli.errors import ProcessingError, UsageError
 
@@ -225,6 +225,7 @@ def build_on_device(name: str | None, weights: Any = None, device: "Device | str
     from nucli.models.registry import build_method
 
     dev = resolve_device(device)
+    amp_dtype(dev, precision)  # a bad --precision is a usage error before the model loads
     method = build_method(name, weights=Path(weights) if weights is not None else None, device=dev.name,
                           **overrides)
     return on_device(method, dev, precision)
@@ -276,19 +277,19 @@ class OomRetry:
         self.warned = False
         self._warn = warn or log.warning
 
-    def compute(self, job: Any, method: Any, batch: Any, data: Any) -> list[tuple[Any, Any]]:
-        """``[(sub_batch, job.compute(method, sub_data)), ...]`` covering every tile of ``batch``."""
+    def compute(self, job: Any, method: Any, batch: Any, data: Any) -> Iterator[tuple[Any, Any]]:
+        """Yields ``(sub_batch, job.compute(method, sub_data))`` covering every tile of ``batch``, each part
+        as soon as it is computed (so what the model finished is written even if a later part fails)."""
         from nucli.parallel.work import Batch
 
         members = tuple(batch.members)
         size = len(members) if self.limit is None else min(len(members), self.limit)
-        out: list[tuple[Any, Any]] = []
         start = 0
         while start < len(members):
             n = min(size, len(members) - start)
             part = Batch(members[start:start + n], batch.extent)
             try:
-                out.append((part, job.compute(method, _rows(data, start, n, len(members)))))
+                computed = job.compute(method, _rows(data, start, n, len(members)))
             except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
                 if not is_out_of_memory(exc):
                     raise
@@ -306,7 +307,8 @@ class OomRetry:
                                f"continuing with batches of {size} (set --batch-size to choose)")
                 continue
             start += n
-        return out
+            yield part, computed
+            del computed
 
 
 def _rows(data: Any, start: int, n: int, total: int) -> Any:

@@ -334,13 +334,12 @@ class Runner:
                 data = f.result()
                 top_up()
                 # the model runs here while the threads read the next batch and post-process the last
-                parts = oom.compute(job, method, b, data)
-                del data
-                for part, computed in parts:
+                for part, computed in oom.compute(job, method, b, data):
                     while len(posts) >= depth:
                         settle_oldest()
                     posts.append((part, writer.submit(job.finish, store, method, part, computed)))
-                del parts
+                    del computed
+                del data
                 while posts and posts[0][1].done():
                     settle_oldest()
             while posts:
