@@ -100,6 +100,7 @@ class LoopConfig:
     val_every: int = 200
     log_every: int = 10
     higher_is_better: bool = True
+    stop_at: int | None = None  # stop early at this step, keeping the schedule of ``steps`` (ablations)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -281,7 +282,8 @@ def train_supervised(
     t0 = time.time() - elapsed
     running = RunningMeans(logf, cfg.log_every)
     with InterruptGuard() as guard:
-        while step < cfg.steps:
+        last = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+        while step < last:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * linear_decay(step, cfg.steps, cfg.decay_start)
             batch = dev.batch(next_batch(step))
@@ -295,9 +297,9 @@ def train_supervised(
             running.add(name, step, cfg.steps, parts, lr=opt.param_groups[0]["lr"], elapsed=round(elapsed, 1))
             if progress is not None:
                 progress(step, cfg.steps, parts)
-            if val_fn is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            if val_fn is not None and (step % cfg.val_every == 0 or step == last):
                 validate()
-            guard.checkpoint_if_due(step, cfg.steps, cfg.ckpt_every, checkpoint)
+            guard.checkpoint_if_due(step, last, cfg.ckpt_every, checkpoint)
     if val_fn is None or not best_path.exists():
         save_module(best_path, model, {"step": step})
         best_step = step

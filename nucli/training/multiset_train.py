@@ -135,7 +135,7 @@ def _loss(method: str) -> Callable:
             e, logits = model(b["x"])
             l1 = torch.nn.functional.l1_loss(e, b["ideal"])
             seg, parts = ce_dice_loss(logits, b["cls"], 1.0, 3.0)
-            return L1_WEIGHT * l1 + seg, {"l1": float(l1), **parts}
+            return L1_WEIGHT * l1 + seg, {"l1": l1.item(), **parts}
         return loss
     from nucli.training.harunet_loss import HARUNetLoss
 
@@ -198,6 +198,7 @@ def train_multi(method: str, sets: list[ms.DataSet], out_dir: Path, init: Path, 
                 crop: int = 256, batch: int = 6, lr: float = 2e-4, seed: int = 0, resume: bool = False,
                 stain_aug: bool = True, val_every: int = 250, ckpt_every: int = 25, threads: int | None = None,
                 limit: int | None = None, val_limit: int | None = VAL_PER_SET, tune_thresholds: bool = True,
+                stop_after: int | None = None,
                 progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Fine-tune ``method`` from ``init`` on ``sets``; writes ``{method}_multi.safetensors`` + ``.json``."""
     import torch
@@ -224,7 +225,7 @@ def train_multi(method: str, sets: list[ms.DataSet], out_dir: Path, init: Path, 
         return {k: torch.from_numpy(v) for k, v in sampler.next().items()}
 
     cfg = LoopConfig(steps=steps, lr=lr, ckpt_every=ckpt_every, val_every=val_every, log_every=10,
-                     decay_start=0.5, higher_is_better=True)
+                     decay_start=0.5, higher_is_better=True, stop_at=stop_after)
     run = train_supervised(module, next_batch, _loss(method), val_fn if val else None, cfg, out_dir,
                            f"{method}_multi", resume=resume, sampler=sampler, progress=progress)
     module.eval()
