@@ -11,6 +11,10 @@
  * (examples/pipeline_folder.sh writes the first form; `nucli segment NAME.svs -o NAME.geojson`
  * too). nucli writes coordinates in full-resolution pixels of the slide, QuPath's own frame, so
  * the outlines land on their nuclei with no offset.
+ *
+ * Detections (nuclei) and cells (`nucli segment --objects cells`: nucleus + cell boundary) are
+ * imported alike, with their classes: Nucleus / Cell, or Positive / Negative (1+ / 2+ / 3+) with
+ * `--positivity dab`, in QuPath's own colours. The script prints how many of each class it imported.
  */
 
 import java.util.zip.GZIPInputStream
@@ -20,9 +24,12 @@ import qupath.lib.io.PathIO
 // ---------------------------------------------------------------- settings
 // Folder holding nucli's outputs. null: the folder "nucli" inside the project folder.
 String RESULTS_DIR = null
-// Remove detections of class "Nucleus" imported earlier, so that running the script again
-// replaces them instead of adding a second copy. Annotations and other objects are kept.
+// Remove nuclei and cells imported from nucli earlier, so that running the script again replaces
+// them instead of adding a second copy: detections and cells carrying nucli's measurement
+// "Nucleus: Equivalent diameter px" (QuPath's own detections have none), and detections of class
+// "Nucleus" (files of older nucli versions). Annotations and other objects are kept.
 boolean REPLACE_PREVIOUS = true
+String NUCLI_MEASUREMENT = "Nucleus: Equivalent diameter px"
 // ---------------------------------------------------------------- end of settings
 
 def imageData = getCurrentImageData()
@@ -77,17 +84,19 @@ def outside = objects.findAll {
     roi.getBoundsX() + roi.getBoundsWidth() > width + 1 || roi.getBoundsY() + roi.getBoundsHeight() > height + 1
 }
 if (!outside.isEmpty()) {
-    println "${imageName}: ${outside.size()} of ${objects.size()} nuclei in ${file.name} lie outside the " +
+    println "${imageName}: ${outside.size()} of ${objects.size()} objects in ${file.name} lie outside the " +
             "${width} x ${height} px image; is it the result of another image? Nothing imported."
     return
 }
 
 if (REPLACE_PREVIOUS) {
     def nucleusClass = getPathClass("Nucleus")
-    def previous = getDetectionObjects().findAll { it.getPathClass() == nucleusClass }
+    def previous = getDetectionObjects().findAll {
+        it.getMeasurementList().containsKey(NUCLI_MEASUREMENT) || it.getPathClass() == nucleusClass
+    }
     if (!previous.isEmpty()) {
         removeObjects(previous, true)
-        println "${imageName}: removed ${previous.size()} nuclei imported earlier"
+        println "${imageName}: removed ${previous.size()} objects imported from nucli earlier"
     }
 }
 addObjects(objects)
@@ -95,4 +104,12 @@ fireHierarchyUpdate()
 if (entry != null) {
     entry.saveImageData(imageData)
 }
-println "${imageName}: imported ${objects.size()} nuclei from ${file}"
+int cells = objects.count { it.isCell() }
+def classes = objects.countBy { it.getPathClass() == null ? "Unclassified" : it.getPathClass().toString() }
+String what = cells > 0 ? "${cells} cells" : "${objects.size()} nuclei"
+println "${imageName}: imported ${what} from ${file} (" +
+        classes.collect { k, v -> "${k}: ${v}" }.join(", ") + ")"
+def positive = classes.findAll { k, v -> k in ["Positive", "1+", "2+", "3+"] }.values().sum(0)
+if (classes.containsKey("Negative") || positive > 0) {
+    println String.format("%s: %.1f %% positive", imageName, 100.0 * positive / Math.max(objects.size(), 1))
+}

@@ -336,3 +336,15 @@ def test_cmu_cells_never_overlap(cmu_slide, tmp_path):
     outside = {k for k, (c, n) in enumerate(zip(cells, nuclei)) if not c.covers(n)}
     assert outside <= overlapping and len(outside) <= 0.005 * len(feats)
     assert all(c.area >= n.area for c, n in zip(cells, nuclei))
+
+
+def test_rerun_with_overwrite_replaces_cell_outputs(tmp_path, ihc_slide):
+    args = ["segment", ihc_slide, "--method", "watershed", "--mpp", "0.5", "-o", tmp_path / "n.geojson", "-f",
+            "csv", "--objects", "cells", "--positivity", "dab", "--quiet"]
+    assert invoke(*args).exit_code == 0
+    first = (tmp_path / "n.csv").read_bytes()
+    r = invoke(*args)
+    assert r.exit_code != 0 and "--overwrite" in r.output
+    r = invoke(*args, "--overwrite")  # nucli recognises its own cell tables and GeoJSON
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "n.csv").read_bytes() == first

@@ -50,10 +50,6 @@ def columns(*, has_mpp: bool, brightfield: bool, has_scores: bool, cells: bool =
     cols = [
         Column("id", None),
         Column("label", None),
-    ]
-    if classified:
-        cols.append(Column("class", None))
-    cols += [
         Column("centroid_x_px", "Nucleus: Centroid X px"),
         Column("centroid_y_px", "Nucleus: Centroid Y px"),
         Column("centroid_x_um", "Nucleus: Centroid X µm", True),
@@ -93,6 +89,8 @@ def columns(*, has_mpp: bool, brightfield: bool, has_scores: bool, cells: bool =
         ]
         if dab:
             cols += [Column("cell_dab_mean", "Cell: DAB OD mean"), Column("cytoplasm_dab_mean", "Cytoplasm: DAB OD mean")]
+    if classified:
+        cols.append(Column("class", None))  # last: the table opens with the same columns in every run
     return [c for c in cols if has_mpp or not c.needs_mpp]
 
 
