@@ -198,8 +198,10 @@ class SegmentJob:
 
     stage = STAGE
 
-    def __init__(self, from_enhanced: bool = False):
+    def __init__(self, from_enhanced: bool = False, post_threads: int = 1):
         self.from_enhanced = bool(from_enhanced)
+        # > 1: a batch's tiles are post-processed on this many CPU threads (a GPU's batches are large)
+        self.post_threads = max(1, int(post_threads))
 
     def load(self, store: RunStore, batch) -> np.ndarray:
         w, h = batch.extent
@@ -218,7 +220,7 @@ class SegmentJob:
 
     def finish(self, store: RunStore, method: Method, batch, computed) -> None:
         kind, value = computed
-        results = method.postprocess(value) if kind == "raw" else value
+        results = self._postprocess(method, value) if kind == "raw" else value
         if len(results) != len(batch.members):
             raise ProcessingError(
                 f"method '{method.name}' returned {len(results)} results for {len(batch.members)} tiles"
@@ -229,6 +231,20 @@ class SegmentJob:
     def run(self, store: RunStore, method: Method, batch) -> int:
         self.finish(store, method, batch, self.compute(method, self.load(store, batch)))
         return len(batch.members)
+
+    def _postprocess(self, method: Method, raw) -> list:
+        """``method.postprocess`` of a batch, split over ``post_threads`` threads when the model output is one
+        array of per-tile rows (each tile's post-processing is independent: the same results, in order)."""
+        n = len(raw) if isinstance(raw, np.ndarray) and raw.ndim > 0 else 0
+        if self.post_threads == 1 or n < 2:
+            return method.postprocess(raw)
+        from concurrent.futures import ThreadPoolExecutor
+
+        k = min(self.post_threads, n)
+        bounds = np.linspace(0, n, k + 1).astype(int)
+        with ThreadPoolExecutor(k, thread_name_prefix="nucli-post") as pool:
+            parts = pool.map(method.postprocess, [raw[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+            return [r for part in parts for r in part]
 
 
 def uses_stored_enhancement(store: RunStore, method: Method) -> bool:
@@ -253,6 +269,7 @@ def segment_store(
     shard=None,
     lock: bool = True,
     device: dict | None = None,
+    post_threads: int = 1,
 ) -> SegmentStats:
     """Segment every tile of ``store`` that is not done yet.
 
@@ -263,7 +280,8 @@ def segment_store(
     n-th tile. The store is locked against a second writer without ``--shard``
     (``lock=False`` skips that). ``on_batch(n)`` is called after each finished batch.
     ``device`` ({"device", "gpu"}, :meth:`nucli.parallel.device.Device.record`) is added
-    to the store's record of the devices that ran the stage.
+    to the store's record of the devices that ran the stage. ``post_threads`` > 1
+    post-processes each batch's tiles on that many CPU threads (for a GPU's large batches).
     """
     from nucli.parallel import Runner, Shard, StoreLock, plan_batches, setup_lock
 
@@ -285,7 +303,7 @@ def segment_store(
         batches = plan_batches(todo, tile_extents(store), bs)
         log.info("segment: %d of %d tiles to do (batch %d%s, %s)", len(todo), total, bs,
                  f", shard {shard}" if shard else "", runner.describe())
-        job = SegmentJob(from_enhanced=uses_stored_enhancement(store, method))
+        job = SegmentJob(from_enhanced=uses_stored_enhancement(store, method), post_threads=post_threads)
         if job.from_enhanced and len(todo):
             log.info("segment: using the enhanced tiles stored by `nucli enhance` (generator not rerun)")
         with track(total=len(todo), description=f"Segmenting ({method.name})", enabled=progress) as advance:
@@ -444,7 +462,9 @@ def segment_to_outputs(
     start = time.perf_counter()
     shard = Shard.parse(shard)
     source = Path(source)
-    dev, runner = _device_and_runner(device, runner)
+    from nucli.parallel.device import batch_for, device_and_runner, method_for, post_threads_for
+
+    dev, runner = device_and_runner(device, runner)
     if shard is not None:
         return _segment_shard(source, shard, method=method, weights=weights, batch_size=batch_size, output=output,
                               formats=formats, overlay=overlay, overwrite=overwrite, progress=progress,
@@ -483,7 +503,7 @@ def segment_to_outputs(
 
     check_store(run_store, objects)  # what the slide cannot give is refused before segmenting
     seg = segment_store(run_store, m, batch_size=bs, overwrite=overwrite, progress=progress,
-                        runner=runner, recipe=recipe, device=dev.record())
+                        runner=runner, recipe=recipe, device=dev.record(), post_threads=post_threads_for(dev))
     summary = stitch_to_outputs(run_store, outputs, overlay=overlay, progress=progress, objects=objects)
     summary["method"] = m.name
     summary["tiles_segmented_now"] = seg.tiles_segmented
@@ -494,44 +514,11 @@ def segment_to_outputs(
     return summary
 
 
-def _device_and_runner(device, runner):
-    """The resolved device (a DeviceError before anything is created) and the runner that carries it."""
-    from nucli.parallel import Runner
-    from nucli.parallel.device import resolve_device
-
-    runner = runner or Runner.serial()
-    dev = resolve_device(device, remote=runner.mode in ("scheduler", "slurm"))
-    if runner.device is None:
-        runner.device = dev
-    return dev, runner
-
-
-def method_for(method, weights, dev, precision, runner):
-    """The method built here (on ``dev`` for a serial run; on the CPU, for its settings, when Dask workers
-    build their own from the returned recipe) and that recipe (None for a serial run)."""
-    from nucli.parallel import MethodRecipe
-    from nucli.parallel.device import CPU, build_on_device
-
-    if not runner.is_dask:
-        return build_on_device(method, weights, dev, precision), None
-    m = build_on_device(method, weights, CPU)
-    return m, MethodRecipe.create(m.name, weights, runner.method_device(), precision)
-
-
-def batch_for(dev, store: RunStore, method: Method, batch_size: int | None) -> int:
-    """``--batch-size``, else the method's default (CPU) or what free GPU memory holds."""
-    from nucli.parallel.device import auto_batch_size
-
-    if batch_size:
-        return int(batch_size)
-    default = int(method.config.batch_size or 1)
-    return auto_batch_size(dev, store.tile_size, default) if dev.is_cuda and not dev.remote else default
-
-
 def _segment_shard(source, shard, *, method, weights, batch_size, output, formats, overlay, overwrite, progress,
                    device, precision, runner) -> dict:
     """``nucli segment RUN.zarr --shard i/n``: segment this shard's tiles only; the summary."""
     from nucli.errors import UsageError
+    from nucli.parallel.device import batch_for, method_for, post_threads_for
 
     start = time.perf_counter()
     if output is not None or formats or overlay is not None:
@@ -544,7 +531,7 @@ def _segment_shard(source, shard, *, method, weights, batch_size, output, format
     store = RunStore.open(source, mode="r+")
     bs = batch_for(device, store, m, batch_size)
     seg = segment_store(store, m, batch_size=bs, overwrite=overwrite, progress=progress, runner=runner,
-                        recipe=recipe, shard=shard, device=device.record())
+                        recipe=recipe, shard=shard, device=device.record(), post_threads=post_threads_for(device))
     done = int(store.done(STAGE).sum())
     return {
         "store": str(source),

@@ -350,3 +350,32 @@ def test_cpu_outputs_on_the_cmu_slide_are_those_from_before_devices(cmu_slide, t
     features = json.loads(out.read_text())["features"]
     outlines = json.dumps([f["geometry"] for f in features], sort_keys=True).encode()
     assert len(features) == 1594 and hashlib.sha256(outlines).hexdigest() == CMU_OUTLINES_SHA256
+
+
+def test_post_processing_on_several_threads_gives_the_same_nuclei(tmp_path, small_store):
+    from nucli.models.registry import build_method
+
+    one = _copy(small_store, tmp_path / "one.zarr")
+    many = _copy(small_store, tmp_path / "many.zarr")
+    segment_store(one, build_method("watershed"), batch_size=8, progress=False)
+    segment_store(many, build_method("watershed"), batch_size=8, progress=False, post_threads=3)
+    assert one.n_tiles > 8 and many.done("segment").all()
+    np.testing.assert_array_equal(one.array("labels")[:], many.array("labels")[:])
+    from nucli.parallel.device import post_threads_for
+
+    assert post_threads_for(CPU) == 1  # the CPU path post-processes as before
+
+
+def test_gpu_cluster_example_asks_one_gpu_per_worker_job():
+    from nucli.parallel import load_cluster_config, slurm_cluster
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    cfg = load_cluster_config(examples / "dask_jobqueue_gpu.yaml")
+    cluster, scale = slurm_cluster({**cfg, "scheduler_options": {"host": "127.0.0.1"}})
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert scale == {"jobs": 4} and "#SBATCH --gres=gpu:1" in script and "#SBATCH -p gpu" in script
+    assert "--nthreads 2" in script and "--cpus-per-task=8" in script
+    assert "--device cuda --batch-size" in (examples / "slurm_dask_gpu.sh").read_text()

@@ -91,8 +91,8 @@ def run(
 def _enhance_store(path: Path, method, batch_size: Optional[int], overwrite: bool, quiet: bool,
                    png: Optional[Path], runner=None, recipe=None, shard=None, device=None) -> dict:
     from nucli.enhance_stage import STAGE, enhance_store, write_pngs
-    from nucli.parallel.device import CPU
-    from nucli.pipeline import batch_for, track
+    from nucli.parallel.device import CPU, batch_for
+    from nucli.pipeline import track
     from nucli.tiling.store import RunStore
 
     device = device or CPU

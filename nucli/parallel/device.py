@@ -240,6 +240,44 @@ def auto_batch_size(device: Device, tile_size: int, default: int) -> int:
     return int(max(1, min(MAX_AUTO_BATCH, FREE_MEMORY_SHARE * free // per_tile)))
 
 
+# --------------------------------------------------------------------------- a run on a device
+def device_and_runner(device: Any, runner: Any = None) -> tuple[Device, Any]:
+    """The resolved device (a DeviceError before anything is created) and the runner that carries it."""
+    from nucli.parallel import Runner
+
+    runner = runner or Runner.serial()
+    dev = resolve_device(device, remote=runner.mode in ("scheduler", "slurm"))
+    if runner.device is None:
+        runner.device = dev
+    return dev, runner
+
+
+def method_for(method: str | None, weights: Any, dev: Device, precision: str | None, runner: Any) -> tuple[Any, Any]:
+    """The method built here (on ``dev`` for a serial run; on the CPU, for its settings, when Dask workers
+    build their own from the returned recipe) and that recipe (None for a serial run)."""
+    from nucli.parallel import MethodRecipe
+
+    if not runner.is_dask:
+        return build_on_device(method, weights, dev, precision), None
+    m = build_on_device(method, weights, CPU)
+    return m, MethodRecipe.create(m.name, weights, runner.method_device(), precision)
+
+
+def post_threads_for(dev: Device) -> int:
+    """CPU threads that post-process a batch: 1 on the CPU (the model uses the cores), up to 4 beside a GPU."""
+    import os
+
+    return min(4, os.cpu_count() or 1) if dev.is_cuda and not dev.remote else 1
+
+
+def batch_for(dev: Device, store: Any, method: Any, batch_size: int | None) -> int:
+    """``--batch-size``, else the method's default (CPU) or what free GPU memory holds."""
+    if batch_size:
+        return int(batch_size)
+    default = int(method.config.batch_size or 1)
+    return auto_batch_size(dev, store.tile_size, default) if dev.is_cuda and not dev.remote else default
+
+
 # --------------------------------------------------------------------------- out of memory
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for a device out-of-memory error (CUDA's OutOfMemoryError, or MPS's RuntimeError)."""
@@ -442,6 +480,7 @@ def worker_devices(workers: int, device: Device) -> Sequence[str]:
 
 __all__ = [
     "CHOICES", "CPU", "PER_WORKER", "PRECISIONS", "Device", "DeviceError", "OomRetry", "TrainingDevice", "amp_dtype",
-    "auto_batch_size", "available_devices", "build_on_device", "cuda_count", "dtype_name", "free_bytes",
-    "is_out_of_memory", "on_device", "resolve_device", "worker_device", "worker_devices",
+    "auto_batch_size", "available_devices", "batch_for", "build_on_device", "cuda_count", "device_and_runner",
+    "dtype_name", "free_bytes", "is_out_of_memory", "method_for", "on_device", "post_threads_for", "resolve_device",
+    "worker_device", "worker_devices",
 ]
