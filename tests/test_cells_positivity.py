@@ -261,7 +261,7 @@ def _csv_value(text):
 
 @pytest.mark.parametrize("objects,positivity,mpp_target", [
     ("detections", False, None), ("detections", True, None), ("cells", False, None), ("cells", True, None),
-    ("detections", True, 0.7), ("cells", True, 0.7),
+    ("detections", False, 0.7), ("detections", True, 0.7), ("cells", False, 0.7), ("cells", True, 0.7),
 ])
 def test_geojson_follows_qupath_and_equals_csv(tmp_path, ihc_slide, objects, positivity, mpp_target):
     args = ["segment", ihc_slide, "--method", "watershed", "--mpp", "0.5", "-o", tmp_path / "n.geojson", "-f", "csv",
@@ -348,3 +348,35 @@ def test_rerun_with_overwrite_replaces_cell_outputs(tmp_path, ihc_slide):
     r = invoke(*args, "--overwrite")  # nucli recognises its own cell tables and GeoJSON
     assert r.exit_code == 0, r.output
     assert (tmp_path / "n.csv").read_bytes() == first
+
+
+def test_stitch_command_writes_cells_and_an_overlay_coloured_by_class(tmp_path, ihc_slide):
+    from PIL import Image
+
+    from nucli.export.overlay import CELL_RGB
+
+    r = invoke("segment", ihc_slide, "--method", "watershed", "--mpp", "0.5", "-o", tmp_path / "n.geojson",
+               "--quiet")
+    assert r.exit_code == 0, r.output
+    r = invoke("stitch", tmp_path / "n.nucli.zarr", "-o", tmp_path / "c.geojson", "--objects", "cells",
+               "--positivity", "dab", "--positivity-threshold", "0.2,0.4,0.6", "--overlay", tmp_path / "c.png",
+               "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    feats = qupath_features(load(tmp_path / "c.geojson"))
+    assert summary["cells"] == len(feats) and summary["objects"] == "cells"
+    names = [f["properties"]["classification"]["name"] for f in feats]
+    assert names.count("Negative") == summary["negative"]
+    assert all(names.count(k) == summary[k] for k in ("1+", "2+", "3+"))
+    assert len(set(names)) >= 3  # the synthetic DAB spans several classes
+    assert summary["h_score"] == round(100 * sum({"1+": 1, "2+": 2, "3+": 3}.get(n, 0) for n in names) / len(names),
+                                       1)
+    img = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"))
+    for color in [CELL_RGB] + [CLASS_COLORS[n] for n in set(names)]:
+        assert (img == np.array(color, np.uint8)).all(axis=2).any(), color
+    # bad combinations are one-line usage errors
+    r = invoke("stitch", tmp_path / "n.nucli.zarr", "-o", tmp_path / "d.geojson", "--cell-expansion", "3")
+    assert r.exit_code != 0 and "--objects cells" in r.output and "Traceback" not in r.output
+    r = invoke("stitch", tmp_path / "n.nucli.zarr", "-o", tmp_path / "d.geojson", "--positivity", "dab",
+               "--positivity-threshold", "0.5,0.2,0.9")
+    assert r.exit_code != 0 and "increase" in r.output and "Traceback" not in r.output
