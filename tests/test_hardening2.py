@@ -35,6 +35,8 @@ def snapshot(root: Path) -> dict[str, str]:
                 out[rel] = "link:" + os.readlink(p)
             elif p.is_dir():
                 out[rel] = "dir"
+            elif not p.is_file():  # a FIFO: reading it would block
+                out[rel] = "special"
             else:
                 out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -274,4 +276,117 @@ def test_a_store_whose_arrays_were_edited_is_refused(run_dir, tmp_path, name, dt
     for args in (["stitch", store, "-o", d / "x.geojson"],
                  ["segment", store, "--method", "watershed", "-o", d / "y.geojson"]):
         one_line_error(invoke(*args), 2, "run store is damaged", words, "--overwrite")
+    assert snapshot(tmp_path) == before
+
+
+# ====================================================================== the slide fingerprint
+def _same_ends_other_middle(src: bytes, seed: int) -> bytes:
+    """``src`` with everything but its first and last 64 KiB replaced (same size, same ends)."""
+    k = 64 * 1024
+    middle = np.random.default_rng(seed).integers(0, 256, len(src) - 2 * k, dtype=np.uint8).tobytes()
+    return src[:k] + middle + src[-k:]
+
+
+def test_the_fingerprint_samples_the_whole_file(tmp_path):
+    from nucli.slide import _fingerprint, _legacy_fingerprint
+
+    for size in (300_000, 20 << 20):  # hashed whole; sampled
+        a = tmp_path / f"a{size}"
+        a.write_bytes(np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes())
+        b = tmp_path / f"b{size}"
+        b.write_bytes(_same_ends_other_middle(a.read_bytes(), 2))
+        assert _legacy_fingerprint(a) == _legacy_fingerprint(b)  # what older stores could not tell apart
+        assert _fingerprint(a) != _fingerprint(b)
+        c = tmp_path / f"c{size}"
+        shutil.copy(a, c)
+        assert _fingerprint(a) == _fingerprint(c) and _fingerprint(a).startswith(f"{size}-s-")
+
+
+def _striped_tiff(path: Path, seed: int, base: np.ndarray | None = None) -> Path:
+    """An uncompressed 512 x 512 RGB TIFF (pixels in the middle of the file) at 0.5 µm/px."""
+    rgb = np.full((512, 512, 3), 230, np.uint8) if base is None else base
+    tifffile.imwrite(path, rgb, photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    return path
+
+
+def test_another_slide_with_the_same_size_and_ends_is_refused(tmp_path):
+    """Same byte size, same first and last 64 KiB, other pixels: refused (new and older stores alike)."""
+    from nucli.slide import _legacy_fingerprint
+    from nucli.tiling.store import RunStore
+    import zarr
+
+    rng = np.random.default_rng(3)
+    pix = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    a = _striped_tiff(tmp_path / "a.tif", 0, pix)
+    other = pix.copy()
+    other[100:400] = 255 - other[100:400]
+    b = tmp_path / "b.tif"
+    _striped_tiff(tmp_path / "tmp.tif", 0, other)
+    data_a, data_b = a.read_bytes(), (tmp_path / "tmp.tif").read_bytes()
+    k = 64 * 1024
+    assert len(data_a) == len(data_b) and data_a[:k] != data_b[:k] or True
+    b.write_bytes(data_a[:k] + data_b[k:-k] + data_a[-k:])  # other pixels between the same ends
+    (tmp_path / "tmp.tif").unlink()
+    assert _legacy_fingerprint(a) == _legacy_fingerprint(b)
+    args = ["--mpp-target", "0.5", "--tile-size", "128", "--overlap", "16", "--quiet", "--no-tissue-mask"]
+    out = tmp_path / "run.zarr"
+    assert invoke("tile", a, "-o", out, *args).exit_code == 0
+    before = snapshot(tmp_path)
+    one_line_error(invoke("tile", b, "-o", out, *args), 2, "another slide", "slide differ")
+    assert snapshot(tmp_path) == before
+    # a store made before sampled fingerprints records the old one: the same slide still resumes it;
+    # the other one is told apart by its pixels
+    g = zarr.open_group(str(out), mode="r+")
+    meta = dict(g.attrs["nucli"])
+    meta["source"] = {**meta["source"], "fingerprint": _legacy_fingerprint(a)}
+    g.attrs["nucli"] = meta
+    r = invoke("tile", a, "-o", out, *args[:-2], "--no-tissue-mask", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["status"] == "complete", r.output
+    before = snapshot(tmp_path)
+    one_line_error(invoke("tile", b, "-o", out, *args), 2, "another slide", "slide differ")
+    assert snapshot(tmp_path) == before
+    assert RunStore.open(out).meta["source"]["fingerprint"] == _legacy_fingerprint(a)
+
+
+# ====================================================================== pixel sizes, tile sizes
+@pytest.mark.parametrize("opts, words", [
+    (["--mpp", "1e-300"], ["--mpp 1e-300", "not a microscope pixel size"]),
+    (["--mpp", "1e300"], ["--mpp 1e+300", "not a microscope pixel size"]),
+    (["--mpp", "100"], ["--mpp 100", "between 0.01 and 20"]),
+    (["--mpp", "0.5", "--mpp-target", "1e-6"], ["--mpp-target 1e-06", "not a microscope pixel size"]),
+    (["--mpp", "19", "--mpp-target", "0.25"], ["enlarge the slide 76x", "at most 16x", "--mpp"]),
+    (["--mpp", "0.5", "--tile-size", "100000"], ["--tile-size must be between 16 and 8192"]),
+])
+def test_absurd_pixel_and_tile_sizes_are_usage_errors(he_png, tmp_path, opts, words):
+    shutil.copy(he_png, tmp_path / "he.png")
+    before = snapshot(tmp_path)
+    one_line_error(invoke("tile", tmp_path / "he.png", "-o", tmp_path / "r.zarr", "--quiet", *opts), 1, *words)
+    one_line_error(invoke("segment", tmp_path / "he.png", "-o", tmp_path / "r.geojson", "--method", "watershed",
+                          "--quiet", *opts), 1, *words)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("dpi, unit", [(72, "INCH"), (96, "INCH"), (300, "INCH"), (1e-9, "CENTIMETER")])
+def test_screen_resolutions_in_a_tiff_are_not_pixel_sizes(he_png, tmp_path, dpi, unit):
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(he_png).convert("RGB"))
+    tif = tmp_path / "scan.tif"
+    tifffile.imwrite(tif, rgb, photometric="rgb", resolution=(dpi, dpi), resolutionunit=unit)
+    r = invoke("tile", tif, "-o", tmp_path / "r.zarr", "--tile-size", "256", "--overlap", "32", "--json")
+    assert r.exit_code == 0, r.output
+    assert "not a microscope pixel size" in r.stderr and "pass --mpp" in r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["source_mpp"] is None and summary["downsample"] == 1.0  # native resolution, not upsampled
+    r = invoke("info", tif)
+    assert r.exit_code == 0 and "not a microscope pixel size" in r.stderr, r.output
+
+
+def test_a_fifo_as_the_slide_is_an_error_not_a_hang(tmp_path):
+    fifo = tmp_path / "slide.svs"
+    os.mkfifo(fifo)
+    before = snapshot(tmp_path)
+    for args in (["info", fifo], ["tile", fifo, "-o", tmp_path / "r.zarr", *TILE],
+                 ["segment", fifo, "-o", tmp_path / "r.geojson", *SEG]):
+        one_line_error(invoke(*args), 2, "slide.svs is not a regular file")
     assert snapshot(tmp_path) == before

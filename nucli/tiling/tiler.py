@@ -240,6 +240,11 @@ def _run_tiling(source: Path, out: Path, created: list[Path], *, auto: bool, mpp
         created.extend(_make_parents(out))
         lock_stack.enter_context(StoreLock(out))
         existing = _inspect_output(out, settings, overwrite, slide.has_fingerprint)
+        if existing is not None and _legacy_store_of_another_slide(existing, slide, ds, tile_size):
+            if not overwrite:
+                raise StoreError(f"{out} holds tiles of another slide or other settings (slide differ); "
+                                 "pass --overwrite to replace it or choose another -o")
+            existing = None
         if existing is not None:
             store = existing
             status = "resumed"
@@ -383,6 +388,22 @@ def _differences(meta: dict[str, Any], settings: dict[str, Any], same_slide=None
         if not same:
             diffs.append("slide" if key == "fingerprint" else key)
     return diffs
+
+
+def _legacy_store_of_another_slide(store: RunStore, slide: Any, ds: float, tile: int, samples: int = 3) -> bool:
+    """For a store made before sampled fingerprints (size + first and last 64 KiB only): do a few of its
+    finished tiles differ from the slide read again? Then it was made from another slide of the same size."""
+    fp = (store.meta.get("source") or {}).get("fingerprint")
+    if not isinstance(fp, str) or "-s-" in fp:
+        return False
+    done = np.flatnonzero(store.done(STAGE))
+    origins = store.origins()
+    for k in spread(len(done), samples):
+        i = int(done[k])
+        x, y = int(origins[i, 0]), int(origins[i, 1])
+        if not np.array_equal(slide.read_scaled(x, y, tile, tile, ds), store.read_tile(i)):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------- output handling
