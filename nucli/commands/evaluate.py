@@ -90,7 +90,7 @@ def run(
       nucli evaluate --dataset dsb2018/test --mpp auto
 
       One row per set and the mean over sets:
-      nucli evaluate --dataset monuseg/val --dataset dsb2018/test --dataset bitdepth_nucseg/val
+      nucli evaluate --dataset monuseg/val --dataset dsb2018/test
 
       A quick check on the first 10 images:
       nucli evaluate --dataset dsb2018/test --method watershed --limit 10
