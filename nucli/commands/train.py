@@ -51,6 +51,7 @@ def run(
     device: Device = "auto",
     init: Annotated[Optional[Path], typer.Option("--init", help="several sets: weights to start from (default: the shipped weights of the method).")] = None,
     stain_aug: Annotated[bool, typer.Option("--stain-aug/--no-stain-aug", help="several sets: HED stain, simulated IHC, blur/JPEG/noise augmentation.")] = True,
+    lr: Annotated[Optional[float], typer.Option("--lr", min=1e-7, max=1.0, help="several sets: peak learning rate (default 2e-4; constant for the first half, then linear decay to 0).")] = None,
     batch: Annotated[Optional[int], typer.Option("--batch", min=1, max=64, help="several sets: crops per step (default 6 gensegnet, 4 harunet).")] = None,
     # --- mcf only (templates instead of labels) ---
     templates: Annotated[Optional[Path], typer.Option("--templates", help="mcf: folder of nucleus crops, or a GeoJSON of points/boxes (with --template-image).")] = None,
@@ -110,7 +111,7 @@ def run(
         if val is not None:
             raise UsageError("with sets (train/ + val/ + index.json) each set's val/ is used; drop --val")
         _train_multi(name, data_list, Path(output), init, steps, batch, stain_aug, resume, overwrite, threads, seed,
-                     quiet, json_summary)
+                     quiet, json_summary, lr)
         return
     if len(data_list) > 1:
         raise UsageError("several --data folders must each be a set with train/ and val/ (like ../shared/data/monuseg)")
@@ -191,7 +192,7 @@ def _is_multiset(items: list[Path]) -> bool:
 
 
 def _train_multi(name, data, output, init, steps, batch, stain_aug, resume, overwrite, threads, seed, quiet,
-                 json_summary) -> None:
+                 json_summary, lr=None) -> None:
     from nucli.models.registry import get_spec
     from nucli.training import multiset as ms
     from nucli.training.multiset_train import train_multi
@@ -212,7 +213,7 @@ def _train_multi(name, data, output, init, steps, batch, stain_aug, resume, over
         report = (lambda s, n, parts: progress(name, s, n)) if progress else None
         summary = train_multi(name, sets, output, Path(init), steps=steps or 2000,
                               batch=batch or (6 if name == "gensegnet" else 4), stain_aug=stain_aug, seed=seed,
-                              resume=resume, threads=threads, progress=report)
+                              lr=lr or 2e-4, resume=resume, threads=threads, progress=report)
     rows = {"weights": summary["weights"], "steps": summary["steps"], "best step": summary["best_step"],
             "wall seconds": summary["wall_s"]}
     rows.update({f"val {k} AJI": round(v["aji"], 4) for k, v in summary["val_crops"].items()})
