@@ -55,9 +55,9 @@ def segment_array(
     a registered method (default: the default method). ``mpp``: the image's
     pixel size in µm/px; when given, the image is resampled to the method's
     working pixel size (and back for the labels) and the table gets µm columns;
-    when not, the image is used at its own resolution; ``"auto"``: it is
-    enlarged when the nuclei of a first pass are small for the method
-    (:mod:`nucli.autoscale`).
+    ``"auto"``: it is zoomed as far as its nuclei call for (:mod:`nucli.autoscale`);
+    ``"native"``: it is used at its own resolution. Not given: ``auto`` for weights
+    trained at one working scale, else native.
 
     Returns ``(labels, table)``: ``labels`` int32 (H, W), 0 = background, one id
     per nucleus; ``table`` a dict of equal-length columns (``label``,
@@ -80,18 +80,21 @@ def segment_array(
         raise InputError(f"expected a uint8 image, got {arr.dtype}; scale it to 0-255 first")
     if min(arr.shape[:2]) < 1:
         raise InputError(f"the image is empty (shape {arr.shape})")
-    from nucli.autoscale import AUTO, estimate_for
+    from nucli.autoscale import AUTO, NATIVE, choose_zoom, estimate_for, resize_rgb, resolve_mode, scans
 
-    auto = isinstance(mpp, str) and mpp.strip().lower() == AUTO
-    if isinstance(mpp, str) and not auto:
-        raise UsageError(f"mpp must be a positive number of µm per pixel or 'auto', got '{mpp}'")
-    if auto:
-        mpp = None
-    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+    text = mpp.strip().lower() if isinstance(mpp, str) else None
+    if isinstance(mpp, str) and text not in (AUTO, NATIVE):
+        raise UsageError(f"mpp must be a positive number of µm per pixel, 'auto' or 'native', got '{mpp}'")
+    mpp = text if isinstance(mpp, str) else mpp
+    if mpp is not None and not isinstance(mpp, str) and not (math.isfinite(mpp) and mpp > 0):
         raise UsageError(f"mpp must be a positive number of µm per pixel, got {mpp}")
     rgb = np.ascontiguousarray(as_rgb(arr))
     m = build_method(method, weights=Path(weights) if weights is not None else None, device=device)
     cfg = m.config
+    mpp = resolve_mode(mpp, cfg)  # None: auto for weights trained at one working scale
+    auto = mpp == AUTO
+    if auto:
+        mpp = None
     h0, w0 = rgb.shape[:2]
     tile = int(tile_size or cfg.tile_size)
     ov = int(cfg.overlap if overlap is None else overlap)
@@ -107,12 +110,31 @@ def segment_array(
             stitch_store(store, [LabelImageSink(array=labels_w), rows], progress=progress)
         return (labels_w if d == 1.0 else _resize_labels(labels_w, (h0, w0))), rows.table()
 
+    if auto and scans(cfg):  # search the zoom on up to 4 crops, then run the pipeline once at it
+        probes = _probe_crops(rgb, tile)
+
+        def at(z: float) -> list[np.ndarray]:
+            return [np.asarray(m.segment((p if z == 1.0 else resize_rgb(p, z))[None])[0].labels) for p in probes]
+
+        est = choose_zoom(cfg, at)[0]
+        return run(1.0 / est.zoom if est is not None else 1.0)
     labels, table = run(_downsample(mpp, cfg.mpp))
     if auto:
         est = estimate_for(cfg, [labels])
         if est is not None and est.zoom != 1.0:
             labels, table = run(1.0 / est.zoom)
     return labels, table
+
+
+def _probe_crops(rgb: np.ndarray, size: int, n: int = 4) -> list[np.ndarray]:
+    """Up to ``n`` crops of at most ``size`` px, spread over the image (the whole image when it is small)."""
+    h, w = rgb.shape[:2]
+    if h <= size and w <= size:
+        return [rgb]
+    ys = np.linspace(0, max(h - size, 0), 2).astype(int)
+    xs = np.linspace(0, max(w - size, 0), 2).astype(int)
+    crops = {(int(y), int(x)) for y in ys for x in xs}
+    return [rgb[y:y + size, x:x + size] for y, x in sorted(crops)][:n]
 
 
 def _downsample(mpp: float | None, working_mpp: float | None) -> float:

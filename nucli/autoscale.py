@@ -27,13 +27,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 log = logging.getLogger("nucli.autoscale")
 
 AUTO = "auto"
+#: ``--mpp native``: an image without a pixel size is segmented at its own resolution, never probed
+NATIVE = "native"
 #: zoom factors the rule may pick (working px per input px)
 LADDER = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 #: weights trained at one working scale (``params.auto_scale`` in their config) may also be shrunk
@@ -148,20 +150,91 @@ def shrink_labels(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return out.astype(np.int32, copy=False)
 
 
-def segment_image_auto(method: Any, rgb: np.ndarray) -> tuple[np.ndarray, ScaleEstimate | None]:
-    """Segment one whole (H, W, 3) image at the zoom its own nuclei call for.
+def scans(config: Any) -> bool:
+    """Weights trained at one working scale search the zoom (:func:`scan_zoom`); older ones estimate it once."""
+    rule = _own_rule(config)
+    return bool(rule and rule.get("shrink", True) and rule.get("search", "ascending") == "ascending")
 
-    The first pass at the image's own resolution is kept when the rule says 1
-    (or the method has no rule: the estimate is then None).
+
+def scan_zoom(segment_at: Callable[[float], list[np.ndarray]], nucleus_diameter_px: float,
+              ratio: float = 1.0) -> tuple[ScaleEstimate, float, list[np.ndarray]]:
+    """The smallest zoom at which the network finds nuclei at least as large as those it was trained on.
+
+    A network trained on nuclei of one size (``nucleus_diameter_px``) cuts nuclei that are much
+    larger into pieces of about that size, so one pass at the native size cannot see that they are
+    large. Nuclei shown too small, on the other hand, come out at their own size. So the zoom is
+    searched upwards through :data:`SHRINK_LADDER` + :data:`LADDER`: the first zoom whose found
+    nuclei have a median diameter (working px) of at least ``ratio * nucleus_diameter_px`` wins
+    (none: the zoom whose median came closest). ``segment_at(z)`` segments the probe images
+    ``z`` times their size. Returns the estimate, the zoom, and the label images at that zoom.
+    The cost is the passes below the pick: about 3 native passes for a pick of 1.
     """
-    first = np.asarray(method.segment(rgb[None])[0].labels)
-    est = estimate_for(method.config, [first])
-    if est is None or est.zoom == 1.0:
-        return first, est
-    big = resize_rgb(rgb, est.zoom)
-    labels = np.asarray(method.segment(big[None])[0].labels)
+    ref = float(ratio) * float(nucleus_diameter_px)
+    best: tuple[float, float, ScaleEstimate, list[np.ndarray]] | None = None
+    for z in sorted(set(SHRINK_LADDER + LADDER)):
+        labels = [np.asarray(v) for v in segment_at(z)]
+        d = np.concatenate([diameters(v) for v in labels]) if labels else np.zeros(0)
+        if d.size < MIN_NUCLEI:
+            continue
+        med = float(np.median(d))
+        est = ScaleEstimate(z, med / z, int(d.size), ref)
+        if med >= ref:
+            return est, z, labels
+        gap = abs(math.log(med / ref))
+        if best is None or gap < best[0]:
+            best = (gap, z, est, labels)
+    if best is None:
+        return ScaleEstimate(1.0, None, 0, ref), 1.0, []
+    return best[2], best[1], best[3]
+
+
+def auto_by_default(config: Any) -> bool:
+    """Whether an input without a pixel size gets ``--mpp auto`` when ``--mpp`` is not given: for
+    weights trained at one working scale (they search the zoom), whose val scores rose with it."""
+    return scans(config)
+
+
+def resolve_mode(mpp: Any, config: Any) -> Any:
+    """``--mpp`` as given (a number, ``auto``, ``native`` or None) -> a number, ``auto`` or None (native)."""
+    if mpp == NATIVE:
+        return None
+    if mpp is None and config is not None and auto_by_default(config):
+        return AUTO
+    return mpp
+
+
+def choose_zoom(config: Any, segment_at: Callable[[float], list[np.ndarray]]
+                ) -> tuple[ScaleEstimate | None, list[np.ndarray] | None]:
+    """``--mpp auto`` for a method: (estimate or None without a rule, the label images at the chosen zoom
+    when they were computed on the way, else None)."""
+    ratio = ratio_for(config)
+    if ratio is None:
+        return None, None
+    if scans(config):
+        est, z, labels = scan_zoom(segment_at, config.nucleus_diameter_px, ratio)
+        return est, labels
+    first = segment_at(1.0)
+    est = estimate_for(config, first)
+    return est, (first if est is not None and est.zoom == 1.0 else None)
+
+
+def segment_image_auto(method: Any, rgb: np.ndarray) -> tuple[np.ndarray, ScaleEstimate | None]:
+    """Segment one whole (H, W, 3) image at the zoom its own nuclei call for (:func:`choose_zoom`).
+
+    A method without a rule runs once at the image's own resolution (the estimate is then None).
+    """
+    def at(z: float) -> list[np.ndarray]:
+        return [np.asarray(method.segment((rgb if z == 1.0 else resize_rgb(rgb, z))[None])[0].labels)]
+
+    est, labels = choose_zoom(method.config, at)
+    if est is None:
+        return at(1.0)[0], None
+    if not labels:
+        labels = at(est.zoom)
+    if est.zoom == 1.0:
+        return labels[0], est
     log.debug("auto scale: median nucleus %.1f px -> zoom %.2f", est.median_diameter_px or 0.0, est.zoom)
-    return shrink_labels(labels, rgb.shape[:2]), est
+    return shrink_labels(labels[0], rgb.shape[:2]), est
 
 
 def parse_mpp(value: Any) -> float | str | None:
@@ -173,10 +246,12 @@ def parse_mpp(value: Any) -> float | str | None:
     text = str(value).strip().lower()
     if text == AUTO:
         return AUTO
+    if text == NATIVE:
+        return NATIVE
     try:
         number = float(text)
     except ValueError:
-        raise UsageError(f"--mpp must be a pixel size in µm/px or 'auto', got '{value}'") from None
+        raise UsageError(f"--mpp must be a pixel size in µm/px, 'auto' or 'native', got '{value}'") from None
     if not (math.isfinite(number) and number > 0):
         raise UsageError(f"--mpp must be a positive number of µm per pixel, got {value}")
     return number

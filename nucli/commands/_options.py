@@ -26,9 +26,10 @@ Mpp = Annotated[
     Optional[str],
     typer.Option(
         "--mpp",
-        help="Pixel size of the input in µm/px (overrides the slide's metadata), or 'auto': the metadata's, "
-        "and for an image without one, enlarge it when the nuclei in a few probe tiles are small for the method.",
-        metavar="NUM|auto",
+        help="Pixel size of the input in µm/px (overrides the slide's metadata); 'auto': the metadata's, and for "
+        "an image without one, the zoom at which a few probe tiles show nuclei of the size the method was trained "
+        "on (the default for weights trained at one working scale); 'native': the image's own resolution.",
+        metavar="NUM|auto|native",
         show_default=False,
     ),
 ]

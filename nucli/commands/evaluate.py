@@ -51,8 +51,10 @@ def run(
     ] = None,
     mpp: Annotated[
         Optional[str],
-        typer.Option("--mpp", help="--dataset: 'auto' enlarges each image whose nuclei are small for the method "
-                     "(judged from a first pass; see `nucli segment --help`).", metavar="auto"),
+        typer.Option("--mpp", help="--dataset: 'auto' zooms each image without a pixel size until its nuclei have the "
+                     "size the method was trained on (the default for weights trained at one working scale; see "
+                     "`nucli segment --help`); 'native': every such image at its own resolution.",
+                     metavar="auto|native"),
     ] = None,
     device: Device = "auto",
     precision: Precision = None,

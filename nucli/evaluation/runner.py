@@ -294,11 +294,12 @@ def evaluate_dataset(
     the time then includes the first pass. ``device`` (``auto|cpu|cuda|cuda:N|mps``) and
     ``precision``: where the method runs (:mod:`nucli.parallel.device`).
     """
-    from nucli.autoscale import AUTO, ratio_for, segment_image_auto
+    from nucli.autoscale import AUTO, NATIVE, ratio_for, resolve_mode, segment_image_auto
     from nucli.parallel.device import build_on_device, resolve_device
 
-    if mpp not in (None, AUTO):
-        raise UsageError(f"--mpp with --dataset takes only 'auto' (data set images have no pixel size), got {mpp}")
+    if mpp not in (None, AUTO, NATIVE):
+        raise UsageError(f"--mpp with --dataset takes only 'auto' or 'native' (data set images have no pixel size), "
+                         f"got {mpp}")
     dev = resolve_device(device)
 
     items, skipped = dataset_items(dataset, limit=limit, modality=modality, allow_missing=allow_missing)
@@ -313,6 +314,7 @@ def evaluate_dataset(
                 f"({_listing(clash)}); pass --overwrite to replace them"
             )
     method = build_on_device(method_name, weights, dev, precision)
+    mpp = resolve_mode(mpp, method.config)  # no --mpp: auto for weights trained at one working scale
     mpps = _load_mpps(Path(dataset))
     rows = []
     zooms: list[float] = []

@@ -128,7 +128,7 @@ def run_tiling(
     built method, or ``method``'s shipped weights) and the slide is enlarged as far
     as the size of those nuclei calls for (:mod:`nucli.autoscale`).
     """
-    from nucli.autoscale import AUTO
+    from nucli.autoscale import AUTO, NATIVE
     from nucli.outputs import refuse_inputs
 
     t0 = time.perf_counter()
@@ -136,6 +136,10 @@ def run_tiling(
     out = Path(out).expanduser()
     refuse_inputs([("-o", out)], [("the slide", source)])
     auto = mpp == AUTO
+    # no --mpp: an image without a pixel size gets `auto` when the method's weights search the zoom
+    auto_default = mpp is None and mpp_target is None
+    if mpp == NATIVE:
+        mpp = None
     if auto and mpp_target is not None:
         raise UsageError("--mpp auto and --mpp-target do not go together (auto has no pixel size to aim from)")
     method_name, defaults = _method_defaults(
@@ -149,7 +153,7 @@ def run_tiling(
 
     created: list[Path] = []
     try:
-        return _run_tiling(source, out, created, auto=auto, mpp=mpp, mpp_target=mpp_target, method_name=method_name,
+        return _run_tiling(source, out, created, auto=auto, auto_default=auto_default, mpp=mpp, mpp_target=mpp_target, method_name=method_name,
                            defaults=defaults, tile_size=tile_size, overlap=overlap, tissue_mask=tissue_mask,
                            overwrite=overwrite, progress=progress, workers=workers, scale_method=scale_method,
                            t0=t0)
@@ -182,7 +186,8 @@ def _make_parents(out: Path) -> list[Path]:
     return made
 
 
-def _run_tiling(source: Path, out: Path, created: list[Path], *, auto: bool, mpp, mpp_target, method_name,
+def _run_tiling(source: Path, out: Path, created: list[Path], *, auto: bool, auto_default: bool, mpp, mpp_target,
+                method_name,
                 defaults, tile_size: int, overlap: int, tissue_mask: bool, overwrite: bool, progress: bool,
                 workers, scale_method, t0: float) -> TileReport:
     from nucli import __version__
@@ -193,10 +198,12 @@ def _run_tiling(source: Path, out: Path, created: list[Path], *, auto: bool, mpp
         # the tissue overview, read once (the --mpp auto probe and the tile selection both use it)
         overview = functools.cache(lambda: tissue_mod.tissue_mask(slide))
         scale = None
-        if auto and slide.mpp is None:
-            scale = _probe_scale(slide, scale_method, method_name, tile_size, overview if tissue_mask else None)
+        if (auto or auto_default) and slide.mpp is None:
+            scale = _probe_scale(slide, scale_method, method_name, tile_size, overview if tissue_mask else None,
+                                 only_default=not auto)
+            auto = auto or scale is not None
         if scale is not None:
-            log.info("%s has no pixel size; median nucleus %s px in %d probe nuclei -> enlarged %.2fx",
+            log.info("%s has no pixel size; median nucleus %s px in %d probe nuclei -> zoom %.2fx",
                      source, "?" if scale.median_diameter_px is None else f"{scale.median_diameter_px:.1f}",
                      scale.n_nuclei, scale.zoom)
             target = None
@@ -324,21 +331,24 @@ PROBE_TILES = 4
 
 
 def _probe_scale(slide: Any, scale_method: Any, method_name: str | None, tile_size: int,
-                 overview: Any = None):
+                 overview: Any = None, only_default: bool = False):
     """Segment up to :data:`PROBE_TILES` tissue tiles at native resolution -> :class:`ScaleEstimate`.
 
     ``overview()`` gives the tissue mask (None: every tile may be probed). None (nothing
-    segmented) for a method without an auto-zoom rule.
+    segmented) for a method without an auto-zoom rule; with ``only_default`` (no ``--mpp`` given), also
+    None for weights that do not search the zoom by default (:func:`nucli.autoscale.auto_by_default`).
     """
-    from nucli.autoscale import estimate_for, ratio_for
+    from nucli.autoscale import auto_by_default, choose_zoom, ratio_for, resize_rgb
 
     if scale_method is None:
         from nucli.models.registry import build_method, get_spec
 
-        if ratio_for(get_spec(method_name).config) is None:
+        if ratio_for(get_spec(method_name).config) is None and not only_default:
             return None
         scale_method = build_method(method_name)
-    elif ratio_for(scale_method.config) is None:
+    if ratio_for(scale_method.config) is None:
+        return None
+    if only_default and not auto_by_default(scale_method.config):
         return None
     w0, h0 = (int(v) for v in slide.dimensions)
     grid = TileGrid(w0, h0, tile_size, 0)
@@ -348,13 +358,18 @@ def _probe_scale(slide: Any, scale_method: Any, method_name: str | None, tile_si
 
         mask, mask_ds = overview()
         tiles = tissue_mod.tiles_with_tissue(grid, mask, mask_ds, 1.0) or tiles
-    labels = []
+    probes = []
     for k in spread(len(tiles), PROBE_TILES):
         r, c = tiles[k]
         x, y = grid.origin(r, c)
         w, h = grid.extent(r, c)
-        labels.append(np.asarray(scale_method.segment(slide.read_scaled(x, y, w, h, 1.0)[None])[0].labels))
-    return estimate_for(scale_method.config, labels)
+        probes.append(slide.read_scaled(x, y, w, h, 1.0))
+
+    def at(z: float) -> list[np.ndarray]:
+        return [np.asarray(scale_method.segment((p if z == 1.0 else resize_rgb(p, z))[None])[0].labels)
+                for p in probes]
+
+    return choose_zoom(scale_method.config, at)[0]
 
 
 # ---------------------------------------------------------------------- settings
