@@ -10,9 +10,10 @@ and enlarges the image when that median is below a ratio times the method's
 typical nucleus diameter (``nucleus_diameter_px``). The zoom is the ratio,
 snapped to the nearest of :data:`LADDER` on a log scale. Weights trained at one
 working scale (their config holds ``params.auto_scale``, see
-:mod:`nucli.training.multiset`) also shrink images whose nuclei are large
-(:data:`SHRINK_LADDER`): they were trained on images brought to that nucleus size.
-Older weights never shrink: on DSB2018 val, shrinking lost them more than it won.
+:mod:`nucli.training.multiset`) search the zoom instead (:func:`scan_zoom`), shrinking
+(:data:`SHRINK_LADDER`) as well as enlarging, and get ``auto`` by default for inputs without a
+pixel size (:func:`resolve_mode`). Older weights never shrink: on DSB2018 val, shrinking lost
+them more than it won.
 
 The ratio is the method's own, chosen on ``dsb2018/val`` only with its shipped
 weights (``benchmarks/autoscale_rule.py`` reruns the choice), and adopted only
