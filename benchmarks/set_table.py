@@ -35,10 +35,18 @@ def main(args: list[str]) -> None:
             cells.append(f"{m['aji']:.3f} / {m['pq']:.3f} / {m['f1']:.3f}")
         cells.insert(1, str(n))
         print("| " + " | ".join(cells) + " |")
-    cells = ["**mean over sets**", ""]
+    val_sets = [n for n in sets if n.endswith("/val")]
+    if val_sets and len(val_sets) < len(sets):  # the model-selection criterion: each val set counted once
+        cells = [f"**mean over the {len(val_sets)} val sets**", ""]
+        for _, rep in reports:
+            rows = [s for s in rep["sets"] if s["set"] in val_sets]
+            m = {k: sum(r["mean_over_images"][k] for r in rows) / len(rows) for k in ("aji", "pq", "f1")}
+            cells.append(f"**{m['aji']:.3f}** / {m['pq']:.3f} / {m['f1']:.3f}")
+        print("| " + " | ".join(cells) + " |")
+    cells = [f"mean over all {len(sets)} sets", ""]
     for _, rep in reports:
         m = rep["mean_over_sets"]
-        cells.append(f"**{m['aji']:.3f}** / {m['pq']:.3f} / {m['f1']:.3f}")
+        cells.append(f"{m['aji']:.3f} / {m['pq']:.3f} / {m['f1']:.3f}")
     print("| " + " | ".join(cells) + " |")
 
 

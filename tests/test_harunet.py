@@ -253,7 +253,7 @@ def test_registered_with_the_expected_config():
 
     spec = get_spec(NAME)
     assert spec.needs_weights and spec.weights_file == "harunet_cpu.safetensors"
-    assert spec.config.mpp == 0.5 and spec.config.overlap == 128
+    assert spec.config.mpp == 0.35 and spec.config.overlap == 128
     assert spec.config.max_nucleus_diameter_px <= spec.config.overlap
     json.dumps(spec.config.to_dict())
 

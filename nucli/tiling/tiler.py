@@ -144,6 +144,8 @@ def run_tiling(
         raise UsageError("--mpp auto and --mpp-target do not go together (auto has no pixel size to aim from)")
     method_name, defaults = _method_defaults(
         method, need=auto or mpp_target is None or tile_size is None or overlap is None)
+    if scale_method is not None:  # a built method (`segment --weights`): its own working pixel size
+        defaults = {**defaults, "mpp": getattr(scale_method.config, "mpp", defaults.get("mpp"))}
     tile_size = int(tile_size if tile_size is not None else defaults.get("tile_size", 512))
     overlap = int(overlap if overlap is not None else defaults.get("overlap", 64))
     if not 16 <= tile_size <= MAX_TILE_SIZE:

@@ -169,11 +169,12 @@ def adopt_working_scale(data: dict[str, Any], stored: dict[str, Any]) -> dict[st
     """Weights trained at one working scale (``params.working_scale``) carry their pixel size and
     typical nucleus diameter: those win over the registry's, since the network learnt at them."""
     ws = (stored.get("params") or {}).get("working_scale")
-    if isinstance(ws, dict):
-        for key, field in (("mpp", "mpp"), ("reference_diameter_px", "nucleus_diameter_px")):
-            v = ws.get(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < 1e3:
-                data[field] = float(v)
+    if not isinstance(ws, dict):  # older weights: the pixel size and nucleus size their config recorded
+        ws = {"mpp": stored.get("mpp"), "reference_diameter_px": stored.get("nucleus_diameter_px")}
+    for key, field in (("mpp", "mpp"), ("reference_diameter_px", "nucleus_diameter_px")):
+        v = ws.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < 1e3:
+            data[field] = float(v)
     return data
 
 

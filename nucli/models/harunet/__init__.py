@@ -38,8 +38,8 @@ DEFAULT_PARAMS: dict[str, Any] = {
 
 DEFAULT_CONFIG = MethodConfig(
     name=NAME,
-    mpp=0.5,  # DSB2018-scale nuclei are assumed to be at ~0.5 µm/px
-    nucleus_diameter_px=20.0,
+    mpp=0.35,  # the working scale of the shipped weights (trained on dsb2018 + monuseg + bitdepth_nucseg)
+    nucleus_diameter_px=17.0,  # the training reference: MoNuSeg's median nucleus at 0.35 µm/px
     max_nucleus_diameter_px=128,  # as GeNSeg-Net: DSB2018-scale nuclei reach 63 px from their centroid
     tile_size=768,
     overlap=128,
@@ -202,7 +202,7 @@ register(
         config=DEFAULT_CONFIG,
         builder=_builder,
         weights_file="harunet_cpu.safetensors",
-        weights_sha256="99d8111c2ad3a7c49604420b3fa36c55518e1a41290611bcc437c9e46294dd5d",
+        weights_sha256="9a1566794f58becf8f921dbe94012aa068f418639d6366f679290908a2122540",
         needs_weights=True,
     )
 )
