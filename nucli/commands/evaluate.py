@@ -139,7 +139,7 @@ def run(
             with _Progress(show_progress) as progress:
                 reports.append(evaluate_dataset(d, method, weights=weights, limit=limit, modality=modality,
                                                 allow_missing=allow_missing, on_image=progress.update,
-                                                mpp=parse_mpp(mpp)))
+                                                mpp=parse_mpp(mpp), device=device, precision=precision))
         _finish(MultiSetReport(reports), output, csv_path, json_summary, quiet, per_image)
         return
     with _Progress(show_progress) as progress:
@@ -161,20 +161,8 @@ def run(
         else:
             report = evaluate_paths(pred, gt, allow_missing=allow_missing, on_image=progress.update)
 
-    data = report.to_dict()
-    if output is not None:
-        import json
-
-        write_text_atomic(json.dumps(data, indent=2, default=str) + "\n", output)
-    if csv_path is not None:
-        write_text_atomic(report.to_csv(), csv_path)
-    if json_summary:
-        import json
-        import sys
-
-        sys.stdout.write(json.dumps(data, default=str) + "\n")
-        return
-    if not quiet:
+    data = _write_outputs(report, output, csv_path, json_summary)
+    if not json_summary and not quiet:
         _print_table(report, per_image)
         if report.skipped:
             stderr().print(
@@ -182,24 +170,30 @@ def run(
             )
 
 
-def _finish(multi: Any, output: Optional[Path], csv_path: Optional[Path], json_summary: bool, quiet: bool,
-            per_image: bool) -> None:
-    """Several sets: write -o / --csv, print JSON or one row per set plus the mean over sets."""
+def _write_outputs(report: Any, output: Optional[Path], csv_path: Optional[Path], json_summary: bool) -> dict:
+    """A report (one set or several): -o JSON and --csv written atomically, --json printed; its dict."""
     import json
     import sys
 
     from nucli.evaluation.labels_io import write_text_atomic
-    from nucli.evaluation.report import MEAN_KEY
 
-    data = multi.to_dict()
+    data = report.to_dict()
     if output is not None:
         write_text_atomic(json.dumps(data, indent=2, default=str) + "\n", output)
     if csv_path is not None:
-        write_text_atomic(multi.to_csv(), csv_path)
+        write_text_atomic(report.to_csv(), csv_path)
     if json_summary:
         sys.stdout.write(json.dumps(data, default=str) + "\n")
-        return
-    if quiet:
+    return data
+
+
+def _finish(multi: Any, output: Optional[Path], csv_path: Optional[Path], json_summary: bool, quiet: bool,
+            per_image: bool) -> None:
+    """Several sets: write -o / --csv, print JSON or one row per set plus the mean over sets."""
+    from nucli.evaluation.report import MEAN_KEY
+
+    data = _write_outputs(multi, output, csv_path, json_summary)
+    if json_summary or quiet:
         return
     if per_image:
         for r in multi.reports:
