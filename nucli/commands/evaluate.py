@@ -99,7 +99,6 @@ def run(
     """
     from nucli.autoscale import parse_mpp
     from nucli.evaluation import evaluate_dataset, evaluate_paths
-    from nucli.evaluation.labels_io import write_text_atomic
 
     datasets = list(dataset or [])
     dataset = datasets[0] if datasets else None
