@@ -223,7 +223,8 @@ def relabel_sequential(labels: np.ndarray) -> np.ndarray:
 
 
 def drop_pale(labels: np.ndarray, rgb: np.ndarray, min_od: float, brightfield: bool | None = None) -> np.ndarray:
-    """Brightfield only: remove pink instances whose mean hematoxylin OD is below ``min_od``.
+    """Brightfield only: remove pink instances whose mean hematoxylin OD is below ``min_od``, and
+    instances that are as bright as the glass (:func:`is_blank`).
 
     On H&E, pink eosin-rich stroma and cytoplasm next to white background can be
     outlined as nuclei; real nuclei carry hematoxylin. Only pink objects (see
@@ -247,12 +248,36 @@ def drop_pale(labels: np.ndarray, rgb: np.ndarray, min_od: float, brightfield: b
     def mean(values: np.ndarray) -> np.ndarray:
         return np.bincount(flat, weights=values.ravel().astype(np.float64), minlength=n + 1) / den
 
-    drop = is_pale_pink(mean(hematoxylin(rgb)), mean(rgb[..., 0]), mean(rgb[..., 1]), mean(rgb[..., 2]),
-                        min_od) & (cnt > 0)
+    r, g, b = mean(rgb[..., 0]), mean(rgb[..., 1]), mean(rgb[..., 2])
+    drop = (is_pale_pink(mean(hematoxylin(rgb)), r, g, b, min_od) | is_blank(r, g, b, glass_colour(rgb))) & (cnt > 0)
     drop[0] = False
     if not drop.any():
         return labels
     return relabel_sequential(np.where(drop[labels], 0, labels))
+
+
+#: brightfield: an object absorbing less than this optical density in every channel, relative to the
+#: glass, is blank glass or dust, not a stained nucleus (10^-0.03 = 93 % of the light passes)
+BLANK_OD = 0.03
+
+
+def is_blank(red_mean, green_mean, blue_mean, background=(255, 255, 255), min_od: float = BLANK_OD):
+    """An object on brightfield whose mean colour is within ``min_od`` of the glass in every channel.
+
+    A per-tile intensity stretch can make faint texture on empty glass look like nuclei; a
+    stained nucleus (hematoxylin or DAB, however pale) absorbs visibly in at least one channel.
+    Works on scalars or arrays of per-object means; ``background``: the glass colour (RGB).
+    """
+    means = [np.maximum(np.asarray(v, dtype=np.float64), 1.0) for v in (red_mean, green_mean, blue_mean)]
+    bg = [max(float(b), 1.0) for b in background]
+    od = np.max(np.stack([np.log10(b / m) for b, m in zip(bg, means)]), axis=0)
+    return od < float(min_od)
+
+
+def glass_colour(rgb: np.ndarray) -> tuple[float, float, float]:
+    """A brightfield image's glass colour: the 99th percentile of each channel (at least 200)."""
+    flat = np.asarray(rgb).reshape(-1, np.asarray(rgb).shape[-1])[:, :3]
+    return tuple(max(float(np.percentile(flat[:, c], 99)), 200.0) for c in range(3))
 
 
 def is_pale_pink(hematoxylin_mean, red_mean, green_mean, blue_mean, min_od: float):

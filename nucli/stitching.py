@@ -57,6 +57,7 @@ class Frame:
     method: str | None = None
     source_path: str | None = None
     min_hematoxylin_od: float = 0.0  # brightfield: nuclei paler than this are not exported (the method's setting)
+    background: tuple[float, float, float] = (255.0, 255.0, 255.0)  # brightfield: the glass colour (sampled tiles)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class StitchStats:
 
 def frame_of(store: RunStore, sample_tiles: int = 9) -> Frame:
     """The slide geometry recorded in ``store``, and its modality (sampled from tiles)."""
-    from nucli.postprocess import BRIGHTFIELD, detect_polarity
+    from nucli.postprocess import BRIGHTFIELD, detect_polarity, glass_colour
 
     m = store.meta
     try:
@@ -161,6 +162,7 @@ def frame_of(store: RunStore, sample_tiles: int = 9) -> Frame:
     fingerprint = str(source.get("fingerprint") or source.get("path") or store.path.name)
     n = store.n_tiles
     polarity = BRIGHTFIELD
+    glass = (255.0, 255.0, 255.0)
     if n:
         grid = store.grid
         idx = store.indices()
@@ -169,7 +171,9 @@ def frame_of(store: RunStore, sample_tiles: int = 9) -> Frame:
         for i in picks:
             ew, eh = grid.extent(int(idx[i][0]), int(idx[i][1]))
             samples.append(store.read_tile(i)[:eh:4, :ew:4].reshape(-1, 3))
-        polarity = detect_polarity(np.concatenate(samples)[None])
+        sampled = np.concatenate(samples)
+        polarity = detect_polarity(sampled[None])
+        glass = glass_colour(sampled)
     stage = store.stage_meta("segment") or {}
     return Frame(
         level0_size=(int(l0[0]), int(l0[1])),
@@ -185,6 +189,7 @@ def frame_of(store: RunStore, sample_tiles: int = 9) -> Frame:
         method=stage.get("method"),
         source_path=source.get("path"),
         min_hematoxylin_od=_min_hematoxylin(stage),
+        background=glass,
     )
 
 
@@ -288,7 +293,7 @@ def tile_nuclei(
 
     from nucli.export.measurements import measure
     from nucli.export.qupath_grid import snap
-    from nucli.postprocess import BRIGHTFIELD, FLUORESCENCE, is_pale_pink, nucleus_channel
+    from nucli.postprocess import BRIGHTFIELD, FLUORESCENCE, is_blank, is_pale_pink, nucleus_channel
 
     labels = np.asarray(labels)
     n = int(labels.max(initial=0))
@@ -332,9 +337,11 @@ def tile_nuclei(
                        downsample=d, um_per_px=frame.um_per_px, brightfield=frame.brightfield)
         if frame.brightfield and frame.min_hematoxylin_od > 0:
             px = pixels[sl][mask]
-            if is_pale_pink(meas.get("channel_mean", 1.0), px[:, 0].mean(), px[:, 1].mean(), px[:, 2].mean(),
-                            frame.min_hematoxylin_od):
+            r, g, b = px[:, 0].mean(), px[:, 1].mean(), px[:, 2].mean()
+            if is_pale_pink(meas.get("channel_mean", 1.0), r, g, b, frame.min_hematoxylin_od):
                 continue  # pink with little hematoxylin on H&E: stroma or cytoplasm (the method's setting)
+            if is_blank(r, g, b, frame.background):
+                continue  # as bright as the glass: not a stained nucleus
         score = None
         if scores is not None and lab < len(scores) and not math.isnan(float(scores[lab])):
             score = float(scores[lab])
