@@ -69,10 +69,11 @@ def main(
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logger = logging.getLogger("nucli")
     if not logger.handlers:
-        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler = RichHandler(show_path=False, console=Console(stderr=True))
+        from nucli.commands._common import stderr
+
+        handler = RichHandler(show_path=False, console=stderr())
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)

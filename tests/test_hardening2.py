@@ -390,3 +390,46 @@ def test_a_fifo_as_the_slide_is_an_error_not_a_hang(tmp_path):
                  ["segment", fifo, "-o", tmp_path / "r.geojson", *SEG]):
         one_line_error(invoke(*args), 2, "slide.svs is not a regular file")
     assert snapshot(tmp_path) == before
+
+
+# ====================================================================== an empty --method
+@pytest.mark.parametrize("name", ["", " "])
+def test_an_empty_method_name_is_a_usage_error(he_png, tmp_path, name):
+    img = Path(shutil.copy(he_png, tmp_path / "he.png"))
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    (tmp_path / "ds" / "labels").mkdir()
+    write_png(tmp_path / "ds" / "images" / "a.png", np.full((32, 32, 3), 200, np.uint8))
+    tifffile.imwrite(tmp_path / "ds" / "labels" / "a.tif", np.zeros((32, 32), np.uint16))
+    before = snapshot(tmp_path)
+    for args in (["info", img, "--probe", "0"], ["tile", img, "-o", tmp_path / "r.zarr", *TILE],
+                 ["segment", img, "-o", tmp_path / "r.geojson", "--mpp", "0.5", "--quiet"],
+                 ["evaluate", "--dataset", tmp_path / "ds", "--quiet"],
+                 ["train", "--data", tmp_path / "ds", "-o", tmp_path / "t", "--quiet"]):
+        one_line_error(invoke(*args, "--method", name), 1, "--method is empty")
+    assert snapshot(tmp_path) == before
+
+
+# ====================================================================== an ASCII-only terminal
+@pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "ascii"},
+                                 {"LANG": "C", "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}],
+                         ids=["PYTHONIOENCODING=ascii", "LANG=C"])
+def test_an_ascii_only_output_gets_um_not_a_crash(tmp_path, env):
+    tif = _striped_tiff(tmp_path / "s.tif", 0)  # 0.5 µm/px
+    dpi = tmp_path / "dpi.tif"  # 72 dpi: a warning naming µm/px
+    tifffile.imwrite(dpi, np.full((64, 64, 3), 200, np.uint8), photometric="rgb", resolution=(72, 72),
+                     resolutionunit="INCH")
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LANG")}
+    cmd = [sys.executable, "-c", "from nucli.cli import app; app(prog_name='nucli')"]
+    before = snapshot(tmp_path)
+
+    def run(*args):
+        r = subprocess.run(cmd + [str(a) for a in args], env={**base, **env}, capture_output=True, timeout=300)
+        return r.returncode, r.stdout.decode("ascii"), r.stderr.decode("ascii")  # nothing but ASCII
+
+    rc, out, err = run("info", tif, "--probe", "0", "--method", "watershed")
+    assert rc == 0 and "0.5 um/px (metadata)" in out and "Error" not in err, (out, err)
+    rc, out, err = run("info", dpi, "--probe", "0", "--method", "watershed")
+    assert rc == 0 and "352.8 um/px is not a microscope pixel size" in " ".join(err.split()), err
+    rc, out, err = run("tile", tif, "-o", tmp_path / "r.zarr", "--mpp", "100")
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "--mpp 100 um/px" in err, err
+    assert snapshot(tmp_path) == before

@@ -18,12 +18,53 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("nucli")
 
 
+_PLAIN = str.maketrans({"µ": "u", "μ": "u", "×": "x", "±": "+/-", "²": "2", "³": "3", "°": " deg", "—": "-",
+                        "–": "-", "…": "...", "→": "->", "≤": "<=", "≥": ">=", "’": "'", "‘": "'", "“": '"', "”": '"'})
+"""What nucli's own text falls back to on a stream that cannot encode it (``µm`` -> ``um``)."""
+
+
+class _EncodableStream:
+    """``sys.stdout``/``sys.stderr`` as found at each write (so a swapped stream is followed), with text the
+    stream's encoding cannot hold spelt in ASCII (``µ`` -> ``u``; anything else -> ``?``): with
+    ``PYTHONIOENCODING=ascii`` or an ASCII locale nucli still prints its tables and one-line errors."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    @property
+    def _stream(self):
+        return getattr(sys, self._name)
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self._stream, "encoding", None) or "utf-8"
+
+    def write(self, text: str) -> int:
+        stream = self._stream
+        enc = getattr(stream, "encoding", None) or "utf-8"
+        try:
+            text.encode(enc)
+        except UnicodeEncodeError:
+            text = text.translate(_PLAIN).encode(enc, errors="replace").decode(enc)
+        except LookupError:  # an encoding Python does not know: write as is
+            pass
+        return stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, attr: str):  # isatty, fileno, ... of the stream
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self._stream, attr)
+
+
 def stdout() -> Console:
-    return Console()
+    return Console(file=_EncodableStream("stdout"))  # type: ignore[arg-type]
 
 
 def stderr() -> Console:
-    return Console(stderr=True)
+    return Console(file=_EncodableStream("stderr"), stderr=True)  # type: ignore[arg-type]
 
 
 def _debug_enabled() -> bool:

@@ -91,7 +91,10 @@ def run(
       Continue an interrupted run from its last checkpoint:
       nucli train --data train/ --val val/ -o runs/gensegnet --resume
     """
-    name = method or "gensegnet"
+    if method is not None and not method.strip():
+        raise UsageError("--method is empty; name the method to train (e.g. --method gensegnet), or leave "
+                         "--method out for gensegnet")
+    name = "gensegnet" if method is None else method
     dev = _training_device(device, name, synth is None and not (data and _is_multiset(list(data))))
     if name == "spatialprior":
         if images is None or prior_masks is None:

@@ -73,10 +73,14 @@ def available() -> dict[str, MethodSpec]:
 
 
 def get_spec(name: str | None) -> MethodSpec:
-    name = name or DEFAULT_METHOD
+    """The method ``name`` (None: the default); an empty or unknown name is a usage error listing the known ones."""
+    name = DEFAULT_METHOD if name is None else name
     specs = available()
     if name not in specs:
         known = ", ".join(sorted(specs)) or "(none)"
+        if not name.strip():
+            raise UsageError(f"--method is empty; name one of the known methods: {known} (or leave --method out "
+                             f"for the default, {DEFAULT_METHOD})")
         raise UsageError(f"unknown method '{name}'; known methods: {known}")
     return specs[name]
 
