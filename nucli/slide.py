@@ -50,6 +50,7 @@ from nucli.errors import InputError, UsageError
 from nucli.slide_backends import (
     _Backend,
     _check_tiff_complete,
+    _file_key,
     _ImageBackend,
     _needs_conversion,
     _OpenSlideBackend,
@@ -57,6 +58,8 @@ from nucli.slide_backends import (
     _short,
     _sniff,
     _TiffSlideBackend,
+    ome_mpp,
+    warn_once,
 )
 
 log = logging.getLogger("nucli.slide")
@@ -454,9 +457,11 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
     backend: _Backend | None = None
 
     if kind == "tiff":
-        problem = _check_tiff_complete(path)
+        problem, cut = _check_tiff_complete(path)
         if problem is not None:
             raise InputError(f"{path} is a damaged or truncated TIFF/slide file ({problem})")
+        if cut is not None:
+            warn_once(("cut", *_file_key(path)), "%s", cut)
     convert = kind == "tiff" and _needs_conversion(path)
     with _QuietTifffile():  # tifffile's warnings about a damaged file would add lines to nucli's one-line error
         backend = _open_backend(path, kind, convert, why)
@@ -470,6 +475,8 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
     if not backend.level_dimensions or min(backend.level_dimensions[0]) < 1:
         backend.close()
         raise InputError(f"{path} holds no image pixels")
+    if kind == "tiff" and backend.mpp is None and not isinstance(backend, _ImageBackend):
+        backend.mpp = ome_mpp(path)  # OpenSlide and tiffslide leave an OME-TIFF's PhysicalSizeX unread
     if max(backend.level_dimensions[0]) > MAX_SIDE:
         w, h = backend.level_dimensions[0]
         backend.close()

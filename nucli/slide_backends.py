@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,6 +51,26 @@ def _sniff(path: Path) -> str | None:
     if head[:2] == b"BM":
         return "bmp"
     return None
+
+
+_WARNED: set[tuple] = set()
+"""Warnings already given in this process (a slide opened again, e.g. for the overlay, says each once)."""
+
+
+def warn_once(key: tuple, message: str, *args: Any) -> None:
+    """``log.warning(message, *args)`` unless a warning of this ``key`` was given already."""
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    log.warning(message, *args)
+
+
+def _file_key(path: Path) -> tuple:
+    try:
+        st = Path(path).stat()
+        return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return (str(path),)
 
 
 def _plausible(mpp: float | None) -> float | None:
@@ -298,14 +319,30 @@ class _ImageBackend(_Backend):
             return None
         sample = self._sample().reshape(-1, self.channels)
         color = sample[:, : 3 if self.channels >= 3 else 1].astype(np.float64)
-        lo, hi = np.percentile(color, [0.5, 99.5])
+        finite = np.isfinite(color)
+        if not finite.all():
+            self._warn_not_numbers()
+            color = color[finite]
+        lo, hi = np.percentile(color, [0.5, 99.5]) if color.size else (0.0, 1.0)
         if not hi > lo:
             hi = lo + 1.0
         log.info("%s: %s image scaled to 8 bits: %.4g -> 0, %.4g -> 255", self.path, dtype, lo, hi)
         return float(lo), float(hi)
 
+    def _warn_not_numbers(self) -> None:
+        warn_once(("not-numbers", *_file_key(self.path)),
+                  "%s holds pixels that are not numbers (NaN or infinite); nucli treats them as background "
+                  "and scales the intensities of the others", self.path)
+
     def read_level(self, level, x, y, w, h, background):
         block = self._raw(level, x, y, w, h)
+        missing = None  # pixels that are NaN or infinite (float images): painted as background
+        if np.issubdtype(block.dtype, np.floating):
+            finite = np.isfinite(block)
+            if not finite.all():
+                self._warn_not_numbers()
+                missing = ~finite.all(axis=2)
+                block = np.where(finite, block, 0 if self._scale is None else self._scale[0]).astype(block.dtype)
         if self._cmyk:  # as libtiff (and so OpenSlide) converts: (255 - C) * (255 - K) / 255
             ink = 255 - block.astype(np.uint16)
             return ((ink[..., :3] * ink[..., 3:4]) // 255).astype(np.uint8)
@@ -330,8 +367,11 @@ class _ImageBackend(_Backend):
             rgb = np.repeat(rgb, 3, axis=2)
         if alpha is not None:
             rgba = np.concatenate([rgb.astype(np.float32), (alpha * 255.0)[..., None]], axis=2)
-            return _composite(rgba, background)
-        return np.ascontiguousarray(rgb)
+            rgb = _composite(rgba, background)
+        rgb = np.ascontiguousarray(rgb)
+        if missing is not None:
+            rgb[missing] = background
+        return rgb
 
     def close(self):
         if self._tif is not None:
@@ -348,15 +388,43 @@ def _pil_mode(path: Path) -> str | None:
         return None
 
 
+_OME_UNITS = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_size_x(tif) -> float | None:
+    """``PhysicalSizeX`` of an OME-TIFF in µm (its unit converted), or None (not OME, none given, unparsable)."""
+    if not (tif.is_ome and tif.ome_metadata):
+        return None
+    m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+    if not m:
+        return None
+    unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+    factor = _OME_UNITS.get(unit.group(1) if unit else "µm")
+    try:
+        return float(m.group(1)) * factor if factor is not None else None
+    except ValueError:
+        return None
+
+
+def ome_mpp(path: Path) -> float | None:
+    """The OME ``PhysicalSizeX`` of a TIFF file, whatever reader opens it (OpenSlide and tiffslide do not
+    read OME metadata), or None."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tif:
+            return _ome_size_x(tif)
+    except Exception:  # noqa: BLE001 - metadata is optional; never fail on it
+        log.debug("could not read OME metadata", exc_info=True)
+        return None
+
+
 def _tiff_mpp(tif) -> float | None:
     """Pixel size from a plain TIFF: OME PhysicalSizeX, ImageJ unit, or resolution tags."""
     try:
-        if tif.is_ome and tif.ome_metadata:
-            m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-            unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-            if m:
-                factor = {"nm": 1e-3, "mm": 1e3, "cm": 1e4}.get(unit.group(1) if unit else "µm", 1.0)
-                return _plausible(float(m.group(1)) * factor)
+        ome = _ome_size_x(tif)
+        if ome is not None:
+            return _plausible(ome)
         page = tif.pages[0]
         tags = page.tags
         xres = tags.get("XResolution")
@@ -400,29 +468,65 @@ class _QuietTifffile(logging.Filter):
         logging.getLogger("tifffile").removeFilter(self)
 
 
-def _check_tiff_complete(path: Path) -> str | None:
-    """For TIFF-based files: None if every image's data lies inside the file, else why not."""
+def _chain_cut_at(tif, size: int) -> int | None:
+    """Where the chain of image directories (IFDs) continues past the end of a file of ``size`` bytes (the
+    byte the last readable directory points to), or None when the chain ends inside the file. A file cut
+    short after its last whole directory loses the images after it without any error from the readers."""
+    t = tif.tiff
+    last = tif.pages[-1]
+    fh = tif.filehandle
+    fh.seek(last.offset)
+    tagno = struct.unpack(t.tagnoformat, fh.read(t.tagnosize))[0]
+    at = last.offset + t.tagnosize + tagno * t.tagsize
+    if at + t.offsetsize > size:
+        return at
+    fh.seek(at)
+    nxt = int(struct.unpack(t.offsetformat, fh.read(t.offsetsize))[0])
+    if nxt == 0:
+        return None
+    if nxt + t.tagnosize > size:
+        return nxt
+    fh.seek(nxt)
+    tagno = struct.unpack(t.tagnoformat, fh.read(t.tagnosize))[0]
+    end = nxt + t.tagnosize + tagno * t.tagsize + t.offsetsize
+    return nxt if tagno <= 4096 and end > size else None
+
+
+def _check_tiff_complete(path: Path) -> tuple[str | None, str | None]:
+    """For TIFF-based files: ``(problem, cut)``. ``problem``: why the images' data does not lie inside the
+    file (None when it does); ``cut``: a warning when the file ends where its list of images goes on (the
+    images after the last whole one, e.g. the label or macro picture, are missing), else None."""
     import tifffile
 
     size = path.stat().st_size
+    cut = None
     try:
         with _QuietTifffile(), tifffile.TiffFile(str(path)) as tif:
             if not tif.pages:
-                return "no images in the file"
+                return "no images in the file", None
             for page in tif.pages:
                 offs = getattr(page, "dataoffsets", ()) or ()
                 counts = getattr(page, "databytecounts", ()) or ()
                 end = max((o + c for o, c in zip(offs, counts) if c), default=0)
                 if end > size:
-                    return f"image data ends at byte {end} but the file has {size} bytes"
+                    return f"image data ends at byte {end} but the file has {size} bytes", None
                 if getattr(page, "is_tiled", False) and offs:
                     needed = math.prod(getattr(page, "chunked", ()) or (len(offs),))
                     if len(offs) < needed:
                         return (f"its header gives {page.imagewidth} x {page.imagelength} px, which needs {needed} "
-                                f"tiles, but the file holds {len(offs)}")
+                                f"tiles, but the file holds {len(offs)}"), None
+            try:
+                at = _chain_cut_at(tif, size)
+            except (struct.error, OSError, ValueError):
+                at = None
+            if at is not None:
+                n = len(tif.pages)
+                cut = (f"{path} looks cut short: its list of images goes on at byte {at:,} but the file ends at byte "
+                       f"{size:,}, so the images after the first {n} (a label or macro picture, reduced levels) are "
+                       f"missing; nucli reads the {n} that are whole (copy the file again if it should hold more)")
     except Exception as exc:  # noqa: BLE001 - tifffile raises many types for broken files
-        return _short(exc)
-    return None
+        return _short(exc), None
+    return None, cut
 
 
 def _needs_conversion(path: Path) -> bool:

@@ -375,9 +375,11 @@ def test_screen_resolutions_in_a_tiff_are_not_pixel_sizes(he_png, tmp_path, dpi,
     tifffile.imwrite(tif, rgb, photometric="rgb", resolution=(dpi, dpi), resolutionunit=unit)
     r = invoke("tile", tif, "-o", tmp_path / "r.zarr", "--tile-size", "256", "--overlap", "32", "--json")
     assert r.exit_code == 0, r.output
-    assert "not a microscope pixel size" in r.stderr and "pass --mpp" in r.stderr
+    err = " ".join(r.stderr.split())  # the log wraps long lines
+    assert "not a microscope pixel size" in err and "pass --mpp" in err
     summary = json.loads(r.stdout)
-    assert summary["source_mpp"] is None and summary["downsample"] == 1.0  # native resolution, not upsampled
+    # no pixel size: the zoom comes from the nuclei themselves (the default search), not a 352x upsampling
+    assert summary["source_mpp"] is None and 0.3 <= summary["downsample"] <= 4.0
     r = invoke("info", tif)
     assert r.exit_code == 0 and "not a microscope pixel size" in r.stderr, r.output
 
@@ -433,3 +435,87 @@ def test_an_ascii_only_output_gets_um_not_a_crash(tmp_path, env):
     rc, out, err = run("tile", tif, "-o", tmp_path / "r.zarr", "--mpp", "100")
     assert rc == 1 and len(err.strip().splitlines()) == 1 and "--mpp 100 um/px" in err, err
     assert snapshot(tmp_path) == before
+
+
+# ====================================================================== OME pixel sizes, whatever the reader
+@pytest.mark.parametrize("dtype, tile, size, unit, reader", [
+    (np.uint8, (256, 256), 0.5, "µm", "openslide"),  # tiled 8-bit RGB: OpenSlide's generic TIFF
+    (np.uint8, None, 0.5, "µm", "tiffslide"),  # stripped 8-bit RGB: tiffslide
+    (np.uint8, None, 500, "nm", "tiffslide"),
+    (np.uint16, None, 0.5, "µm", "image"),  # 16-bit: the plain-image reader (read it before)
+])
+def test_ome_tiff_pixel_size_is_read_by_every_reader(tmp_path, dtype, tile, size, unit, reader):
+    from nucli.slide import open_slide
+
+    path = tmp_path / "s.ome.tif"
+    rgb = np.random.default_rng(0).integers(0, 255, (300, 400, 3)).astype(dtype)
+    tifffile.imwrite(path, rgb, photometric="rgb", tile=tile, ome=True,
+                     metadata={"PhysicalSizeX": size, "PhysicalSizeY": size, "PhysicalSizeXUnit": unit})
+    before = snapshot(tmp_path)
+    with open_slide(path) as slide:
+        assert slide.backend == reader and slide.mpp == pytest.approx(0.5)
+    r = invoke("info", path, "--probe", "0", "--method", "watershed")
+    assert r.exit_code == 0 and "0.5 µm/px (metadata)" in r.stdout, r.output
+    assert snapshot(tmp_path) == before
+
+
+# ====================================================================== NaN pixels in a float image
+def test_nan_pixels_in_a_float_image_are_background_with_one_warning(tmp_path):
+    gt = blob_labels(400, 300, 40, seed=2, r=(7, 10), touching_pairs=0)
+    img = np.where(gt > 0, 0.8, 0.05).astype(np.float32)
+    img += np.random.default_rng(0).normal(0, 0.01, gt.shape).astype(np.float32)
+    holes = ([5, 100, 200, 250], [7, 150, 390, 20])
+    assert not gt[holes].any()
+    tifffile.imwrite(tmp_path / "clean.tif", img)
+    img[holes] = [np.nan, np.nan, np.inf, -np.inf]
+    tifffile.imwrite(tmp_path / "nan.tif", img)
+    counts = {}
+    for name in ("clean", "nan"):
+        r = invoke("segment", tmp_path / f"{name}.tif", "-o", tmp_path / f"{name}.geojson", "--overlay",
+                   tmp_path / f"{name}.png", "--json", *SEG)  # the overlay opens the image a second time
+        assert r.exit_code == 0, r.output
+        counts[name] = json.loads(r.stdout)["nuclei"]
+        err = " ".join(r.stderr.split())
+        assert "RuntimeWarning" not in err and "invalid value" not in err, err
+        assert err.count("not numbers") == (name == "nan"), err
+    assert counts["nan"] == counts["clean"] == 40
+    from nucli.tiling.store import RunStore
+
+    store = RunStore.open(tmp_path / "nan.nucli.zarr")
+    i = next(k for k, rc in enumerate(store.indices()) if tuple(rc) == (0, 0))
+    assert tuple(store.read_tile(i)[5, 7]) == (0, 0, 0)  # NaN -> the background (dark: fluorescence)
+
+
+# ====================================================================== a slide cut short after a whole image
+def test_a_slide_cut_short_after_its_last_whole_image_is_read_with_one_warning(tmp_path, monkeypatch):
+    import nucli.slide_backends as backends
+    from nucli.synthetic import make_tissue, write_pyramidal_tiff
+
+    tissue = make_tissue(1024, 768, 1, seed=3, island_radius=(370, 380))
+    macro = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    whole = write_pyramidal_tiff(tmp_path / "whole.svs", tissue.render, 1024, 768, mpp=0.5, compression="jpeg",
+                                 associated={"label": macro[:50, :50], "macro": macro})
+    data = whole.read_bytes()
+    with tifffile.TiffFile(whole) as tif:
+        last = tif.pages[-1].offset  # the macro picture's directory
+    (tmp_path / "cut.svs").write_bytes(data[:last])  # cut where the macro begins
+    (tmp_path / "cut-in-ifd.svs").write_bytes(data[:last + 30])  # in the middle of its directory: damaged
+    one_line_error(invoke("info", tmp_path / "cut-in-ifd.svs", "--probe", "0"), 2, "damaged or truncated")
+    args = ["--mpp-target", "0.5", "--tile-size", "256", "--overlap", "32", "--quiet", "--no-tissue-mask"]
+    r = invoke("tile", whole, "-o", tmp_path / "whole.zarr", *args)
+    assert r.exit_code == 0 and "cut short" not in r.stderr, r.output
+    from nucli.tiling.store import RunStore
+
+    ref = np.asarray(RunStore.open(tmp_path / "whole.zarr").array("tiles")[:])
+    name = "cut.svs"
+    before = snapshot(tmp_path)
+    r = invoke("info", tmp_path / name, "--probe", "0", "--method", "watershed")
+    assert r.exit_code == 0, r.output
+    err = " ".join(r.stderr.split())
+    assert err.count("looks cut short") == 1 and "the images after the first 4" in err, err
+    assert snapshot(tmp_path) == before
+    out = tmp_path / f"{name}.zarr"
+    monkeypatch.setattr(backends, "_WARNED", set())  # once per process: each command here is a process
+    r = invoke("tile", tmp_path / name, "-o", out, *args)
+    assert r.exit_code == 0 and " ".join(r.stderr.split()).count("looks cut short") == 1, r.output
+    np.testing.assert_array_equal(np.asarray(RunStore.open(out).array("tiles")[:]), ref)  # level 0 is whole
