@@ -519,3 +519,62 @@ def test_a_slide_cut_short_after_its_last_whole_image_is_read_with_one_warning(t
     r = invoke("tile", tmp_path / name, "-o", out, *args)
     assert r.exit_code == 0 and " ".join(r.stderr.split()).count("looks cut short") == 1, r.output
     np.testing.assert_array_equal(np.asarray(RunStore.open(out).array("tiles")[:]), ref)  # level 0 is whole
+
+
+# ====================================================================== settings of the wrong type in a weights file
+def _weights_with(tmp_path: Path, method: str, edit) -> Path:
+    """The shipped weights of ``method`` with ``edit(config)`` applied to the config in their metadata."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from nucli.models.registry import get_spec
+
+    src = get_spec(method).weights_path
+    if src is None or not src.exists():
+        pytest.skip(f"{method} weights are not installed")
+    with safe_open(str(src), framework="np") as fh:
+        meta = dict(fh.metadata())
+    config = json.loads(meta["nucli.config"])
+    edit(config)
+    meta["nucli.config"] = json.dumps(config)
+    out = tmp_path / f"{method}-edited.safetensors"
+    save_file(load_file(str(src)), str(out), metadata=meta)
+    return out
+
+
+def _set(path: str, value):
+    def edit(config):
+        node = config
+        *parents, leaf = path.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    return edit
+
+
+@pytest.mark.parametrize("method, key, value, words", [
+    ("gensegnet", "params.postprocess.body_threshold", "abc", ['body_threshold = "abc"', "between 0 and 1"]),
+    ("gensegnet", "params.postprocess.min_area", [1, 2], ["min_area = [1, 2]", "expected a number"]),
+    ("gensegnet", "params.bf16", {"x": 1}, ['params.bf16 = {"x": 1}', 'expected true, false or "auto"']),
+    ("gensegnet", "params.postprocess.background_threshold", float("nan"), ["= NaN", "between 0 and 1"]),
+    ("harunet", "params.mask_threshold", 1.5, ["params.mask_threshold = 1.5", "between 0 and 1"]),
+    ("harunet", "params.tta", "yes", ['params.tta = "yes"', "expected true or false"]),
+    ("harunet", "params.min_area", True, ["params.min_area = true", "expected a number"]),
+    ("harunet", "tile_size", 300.5, ["tile_size = 300.5", "a whole number between 16 and 8192"]),
+])
+def test_a_weights_config_with_settings_of_the_wrong_type_is_refused(he_png, tmp_path, method, key, value, words):
+    img = Path(shutil.copy(he_png, tmp_path / "he.png"))
+    weights = _weights_with(tmp_path, method, _set(key, value))
+    before = snapshot(tmp_path)
+    one_line_error(invoke("segment", img, "-o", tmp_path / "o.geojson", "--mpp", "0.5", "--quiet", "--method", method,
+                          "--weights", weights), 2, weights.name, "config stored in the weights file", *words)
+    r = invoke("info", img, "--probe", "1", "--method", method, "--weights", weights, "--json")
+    assert r.exit_code == 0, r.output  # info describes the slide; its time estimate names the problem
+    estimate = json.loads(r.stdout)["estimate"]
+    assert estimate.startswith("not measured: ") and all(w in estimate for w in words), estimate
+    assert snapshot(tmp_path) == before
+    from nucli.errors import WeightsError
+    from nucli.models.registry import build_method
+
+    with pytest.raises(WeightsError, match=key.split(".")[-1]):
+        build_method(method, weights=weights)

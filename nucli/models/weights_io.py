@@ -10,6 +10,7 @@ a safetensors file at all is a one-line :class:`~nucli.errors.WeightsError`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -64,6 +65,83 @@ def read_metadata(path: Path) -> dict[str, str]:
     return meta
 
 
+_BF16_WORDS = ("auto", "true", "false", "yes", "no", "1", "0")
+_NUMBERS: dict[str, tuple[float, float, bool]] = {
+    # name: (lowest, highest, whole numbers only)
+    "mpp": (0.01, 20.0, False),
+    "nucleus_diameter_px": (1e-3, 1e3, False),
+    "reference_diameter_px": (1e-3, 1e3, False),
+    "max_nucleus_diameter_px": (1, 8192, True),
+    "tile_size": (16, 8192, True),
+    "overlap": (0, 8192, True),
+    "batch_size": (1, 4096, True),
+    "min_area": (0, 1e6, False),
+    "min_seed_area": (0, 1e6, False),
+    "min_area_px": (0, 1e6, False),
+    "min_distance_px": (0, 1e3, False),
+    "marker_radius": (0, 1e3, False),
+    "contour_thickness": (0, 1e3, False),
+    "erosion": (0, 1e3, False),
+    "median": (0, 1e3, False),
+    "split_h": (0, 1e3, False),
+    "h": (0, 1e3, False),
+    "neck_depth": (0, 1e3, False),
+    "band_bias": (-100, 100, False),
+    "min_hematoxylin_od": (0, 10, False),
+    "ratio": (1e-3, 1e3, False),
+}
+"""Numeric settings a weights file's config may carry (at any depth of ``params``), with their ranges; names
+ending in ``threshold`` are probabilities in [0, 1]."""
+_FLAGS = ("tta", "input_skip", "shrink")
+
+
+def _known(key: str) -> bool:
+    return key == "bf16" or key in _FLAGS or key in _NUMBERS or key.endswith("threshold")
+
+
+def _bad_value(key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for setting ``key`` (a few words), or None (fine, or not a known setting)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key == "bf16":
+        if isinstance(value, bool) or (isinstance(value, str) and value.lower() in _BF16_WORDS):
+            return None
+        return 'expected true, false or "auto"'
+    if key in _FLAGS:
+        return None if isinstance(value, bool) else "expected true or false"
+    if key.endswith("threshold"):
+        lo, hi, whole = 0.0, 1.0, False
+    elif key in _NUMBERS:
+        lo, hi, whole = _NUMBERS[key]
+    else:
+        return None
+    what = f"{'a whole number' if whole else 'a number'} between {lo:g} and {hi:g}"
+    if not is_number or not math.isfinite(value) or not lo <= value <= hi or (whole and value != int(value)):
+        return f"expected {what}"
+    return None
+
+
+def check_config(config: dict[str, Any], path: Path | str) -> None:
+    """Refuse a weights file whose config holds a known setting of the wrong type or out of its range
+    (a threshold that is text, an area that is a list, ``bf16`` an object): one line naming the file and key."""
+
+    def walk(node: dict[str, Any], prefix: str, top: bool) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and not _known(str(key)):
+                if top and key != "params":
+                    continue
+                walk(value, name + ".", False)
+                continue
+            problem = _bad_value(str(key), value)
+            if problem:
+                shown = json.dumps(value)  # as the file spells it (NaN too)
+                shown = shown if len(shown) <= 40 else shown[:37] + "..."
+                raise WeightsError(f"{path}: the config stored in the weights file has {name} = {shown}, "
+                                   f"{problem}; the file is damaged or was edited (use other weights)")
+
+    walk(config, "", True)
+
+
 def load_weights(path: Path, method: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load tensors and config of a weights file made for ``method``."""
     from safetensors.torch import load_file
@@ -79,6 +157,7 @@ def load_weights(path: Path, method: str) -> tuple[dict[str, Any], dict[str, Any
     if not isinstance(config, dict) or not isinstance(config.get("params", {}), (dict, type(None))):
         raise WeightsError(f"{path}: the config stored in the weights file is not a JSON object with a 'params' "
                            "object; the file is damaged")
+    check_config(config, path)
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception:
