@@ -139,7 +139,11 @@ def check_config(config: dict[str, Any], path: Path | str) -> None:
                 raise WeightsError(f"{path}: the config stored in the weights file has {name} = {shown}, "
                                    f"{problem}; the file is damaged or was edited (use other weights)")
 
-    walk(config, "", True)
+    try:
+        walk(config, "", True)
+    except RecursionError:
+        raise WeightsError(f"{path}: the config stored in the weights file is nested too deeply; the file is "
+                           "damaged") from None
 
 
 def load_weights(path: Path, method: str) -> tuple[dict[str, Any], dict[str, Any]]:
