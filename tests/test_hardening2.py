@@ -578,3 +578,58 @@ def test_a_weights_config_with_settings_of_the_wrong_type_is_refused(he_png, tmp
 
     with pytest.raises(WeightsError, match=key.split(".")[-1]):
         build_method(method, weights=weights)
+
+
+# ====================================================================== a damaged chunk in a run store
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "empty":
+        data = bytearray()
+    else:  # flipped bytes
+        for k in range(20, len(data), 7):
+            data[k] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flipped", "empty"])
+def test_a_damaged_chunk_in_a_run_store_names_its_file_and_deleting_it_recovers(run_dir, tmp_path, how):
+    d = fresh_run(run_dir, tmp_path / "run")
+    store = d / "n.nucli.zarr"
+    tile_chunk, label_chunk = store / "tiles/c/4/0/0/0", store / "labels/c/2/0/0"
+    _damage(tile_chunk, how)
+    _damage(label_chunk, how)
+    before = snapshot(tmp_path)
+    for args in (["stitch", store, "-o", d / "x.geojson"],
+                 ["segment", store, "--method", "watershed", "-o", d / "y.geojson"]):
+        one_line_error(invoke(*args, "--quiet"), 2, "n.nucli.zarr: the run store is damaged", "array 'tiles'",
+                       "tile 4", "tiles/c/4/0/0/0", "cannot be decoded", "delete that file", "--overwrite")
+    assert snapshot(tmp_path) == before
+    rerun = ["segment", d / "he.png", "-o", d / "n.geojson", "-f", "csv", "-f", "labels", "--overlay", d / "n.png",
+             *SEG, "--overwrite", "--json"]
+    tile_chunk.unlink()  # as the message says: the same command writes the tile again ...
+    r = invoke(*rerun)
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and "Traceback" not in r.output and "missing from the store (deleted files); writing them " \
+        "again" in err and sum(line.startswith("Error:") for line in r.stderr.splitlines()) == 1, r.output
+    for words in ("array 'labels'", "tile 2", "labels/c/2/0/0", "rerun `nucli segment`"):
+        assert words in err, (words, err)
+    assert (d / "n.geojson").read_bytes() == (run_dir / "n.geojson").read_bytes()  # the old output is kept
+    label_chunk.unlink()  # ... and segments the tile again
+    r = invoke(*rerun)
+    assert r.exit_code == 0 and json.loads(r.stdout)["tiles_segmented_now"] == 1, r.output
+    assert (d / "n.geojson").read_bytes() == (run_dir / "n.geojson").read_bytes()
+    assert (d / "n.csv").read_bytes() == (run_dir / "n.csv").read_bytes()
+
+
+def test_a_damaged_done_record_names_its_file(run_dir, tmp_path):
+    d = fresh_run(run_dir, tmp_path / "run")
+    store = d / "n.nucli.zarr"
+    _damage(store / "done/segment/c/3", "empty")
+    before = snapshot(tmp_path)
+    one_line_error(invoke("stitch", store, "-o", d / "x.geojson", "--quiet"), 2, "array 'done/segment'", "tile 3",
+                   "done/segment/c/3", "rerun `nucli segment`")
+    assert snapshot(tmp_path) == before
+    (store / "done/segment/c/3").unlink()  # tile 3 is not done: segmented again
+    r = invoke("segment", store, "--method", "watershed", "-o", d / "n.geojson", "--overwrite", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["tiles_segmented_now"] == 1, r.output
+    assert (d / "n.geojson").read_bytes() == (run_dir / "n.geojson").read_bytes()

@@ -104,6 +104,42 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
     return None
 
 
+_REDO = {
+    "tiles": "rerun `nucli tile` (or `nucli segment` on the slide) with the same options to write that tile again",
+    "labels": "rerun `nucli segment` with the same options to segment that tile again",
+}
+"""How a deleted chunk file of an array is computed again (see :meth:`RunStore.lost_tiles`)."""
+
+
+class _CheckedArray:
+    """A store array whose reads turn a chunk file that cannot be decoded (flipped bytes, emptied, cut short)
+    into a one-line :class:`StoreError` naming the store, the array, the tile and the file; writes and
+    everything else go to the Zarr array."""
+
+    def __init__(self, store: "RunStore", name: str, array: Any):
+        self._store, self._name, self._array = store, name, array
+
+    def __getitem__(self, key):
+        try:
+            return self._array[key]
+        except (OSError, MemoryError, IndexError, KeyError, TypeError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - codecs raise RuntimeError, ValueError, their own types
+            raise self._store._damaged(self._name, self._array, key, exc) from None
+
+    def __setitem__(self, key, value) -> None:
+        self._array[key] = value
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self._array, attr)
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[...]
+        return np.asarray(data, dtype=dtype)
+
+
 class RunStore:
     """A nucli run store (a Zarr v3 group). Use :meth:`create` or :meth:`open`."""
 
@@ -270,11 +306,50 @@ class RunStore:
 
     # ------------------------------------------------------------------ arrays
     def array(self, name: str):
-        """Array ``name``; writes through it leave a chunk file even when the chunk is all fill value."""
+        """Array ``name``; writes through it leave a chunk file even when the chunk is all fill value; a chunk
+        that cannot be decoded is a one-line :class:`StoreError` (see :meth:`_damaged`)."""
         try:
-            return self._g[name].with_config(_WRITE_EVERY_CHUNK)
+            return _CheckedArray(self, name, self._g[name].with_config(_WRITE_EVERY_CHUNK))
         except KeyError:
             raise StoreError(f"{self.path}: missing array '{name}' (store incomplete or damaged)") from None
+
+    def _damaged(self, name: str, arr: Any, key: Any, exc: BaseException) -> StoreError:
+        """The error for a chunk of ``name`` that cannot be decoded, naming its file and how to recover.
+
+        A damaged chunk is never taken for a tile to compute again (which would need every chunk decoded at
+        each rerun): the message names the file; deleting it makes the tile missing, and the stage that
+        wrote it (``tile``, ``segment``) writes missing tiles again."""
+        why = " ".join(str(exc).split())[:120] or type(exc).__name__
+        tile = self._bad_chunk(arr, key)
+        where = ""
+        if tile is not None:
+            rest = (0,) * (arr.ndim - 1)
+            where = f" for tile {tile} (file {name}/{arr.metadata.encode_chunk_key((tile, *rest))})"
+        redo = _REDO.get(name) if tile is not None else None
+        if tile is not None and name.startswith("done/"):  # a deleted done record: the tile is not done
+            redo = f"rerun `nucli {name[5:]}` with the same options to compute that tile again"
+        fix = f"delete that file and {redo}, or pass --overwrite to redo the run" if redo else \
+            "pass --overwrite to redo the run"
+        return StoreError(f"{self.path}: the run store is damaged: the data of array '{name}'{where} cannot be "
+                          f"decoded ({type(exc).__name__}: {why}); {fix}")
+
+    @staticmethod
+    def _bad_chunk(arr: Any, key: Any) -> int | None:
+        """The first tile (chunk along axis 0) of ``arr`` read by ``key`` that cannot be decoded, or None."""
+        first = key[0] if isinstance(key, tuple) and key else key
+        if isinstance(first, (int, np.integer)):
+            candidates = [int(first) % max(arr.shape[0], 1)]
+        elif isinstance(first, slice) or first is Ellipsis:
+            candidates = list(range(*(first if isinstance(first, slice) else slice(None)).indices(arr.shape[0])))
+        else:
+            return None
+        step = arr.chunks[0] if arr.chunks and arr.chunks[0] else 1
+        for i in candidates[::step] if step > 1 else candidates:
+            try:
+                arr[i]
+            except Exception:  # noqa: BLE001
+                return i if step == 1 else None
+        return None
 
     def has(self, name: str) -> bool:
         try:
@@ -324,7 +399,7 @@ class RunStore:
         """Boolean vector: which tiles have finished ``stage``."""
         if not self.has(f"done/{stage}"):
             return np.zeros(self.n_tiles, dtype=bool)
-        return np.asarray(self._g[f"done/{stage}"][:]).astype(bool)
+        return np.asarray(_CheckedArray(self, f"done/{stage}", self._g[f"done/{stage}"])[:]).astype(bool)
 
     def init_done(self, stage: str) -> None:
         """Create the all-zero done record of ``stage`` now (before parallel writers start)."""
