@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -633,3 +634,49 @@ def test_a_damaged_done_record_names_its_file(run_dir, tmp_path):
     r = invoke("segment", store, "--method", "watershed", "-o", d / "n.geojson", "--overwrite", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["tiles_segmented_now"] == 1, r.output
     assert (d / "n.geojson").read_bytes() == (run_dir / "n.geojson").read_bytes()
+
+
+# ====================================================================== leftovers of a killed export
+def _kill_after(proc: subprocess.Popen, marks: int) -> None:
+    seen = 0
+    while seen < marks:
+        line = proc.stderr.readline()
+        assert line, "the run ended before it was killed"
+        seen += line.startswith("@progress")
+    proc.kill()
+    proc.wait(timeout=60)
+
+
+def test_temporary_files_of_a_killed_export_are_removed_by_the_next_run(run_dir, tmp_path):
+    import fcntl
+
+    from test_hardening import nucli_slowed
+
+    d = fresh_run(run_dir, tmp_path / "run")
+    store, out = d / "n.nucli.zarr", d / "o.geojson"
+    args = ["stitch", store, "-o", out, "-f", "csv", "-f", "labels", "--quiet"]
+    names = set(os.listdir(d))
+    _kill_after(nucli_slowed(("nucli.stitching", "-", "tile_nuclei", 0.3), *args), 2)
+    left = sorted(set(os.listdir(d)) - names)
+    assert len(left) == 3 and all(n.startswith((".o.geojson.", ".o.csv.", ".o.labels.zarr.")) and
+                                  n.endswith(".tmp") for n in left), left  # what SIGKILL leaves
+    old = time.time() - 120
+    for n in left:
+        os.utime(d / n, (old, old))
+    # what must stay: a file of the user's, a temporary file a live run holds, one just made
+    (d / ".o.geojson.notes").write_text("mine")
+    (d / ".o.csv.0123456789ab.tmp").write_text("being written")
+    os.utime(d / ".o.csv.0123456789ab.tmp", (old, old))
+    fresh = d / ".o.geojson.abcdefabcdef.tmp"
+    fresh.write_text("just begun")
+    keep = {".o.geojson.notes", ".o.csv.0123456789ab.tmp", fresh.name}
+    with open(d / ".o.csv.0123456789ab.tmp", "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        before = snapshot(d)
+        r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    after = snapshot(d)
+    assert sorted(set(os.listdir(d)) - names) == sorted(keep | {"o.geojson", "o.csv", "o.labels.zarr"})
+    assert all(after[k] == before[k] for k in before if k.split(os.sep)[0] in names | keep)  # nothing else changed
+    assert out.read_bytes() == (run_dir / "n.geojson").read_bytes()
+    assert (d / "o.csv").read_bytes() == (run_dir / "n.csv").read_bytes()

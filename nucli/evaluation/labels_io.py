@@ -13,8 +13,6 @@ Supported inputs (each a 2-D image of integer object ids, 0 = background):
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,14 +187,14 @@ def write_labels_tif(labels: np.ndarray, path: Path) -> None:
 
     labels = np.asarray(labels)
     dtype = np.uint16 if labels.size == 0 or labels.max() < 65536 else np.uint32
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    from nucli.export._atomic import AtomicFile
+
+    out = AtomicFile(Path(path), binary=True)
     try:
-        tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib")
-        os.replace(tmp, path)
+        tifffile.imwrite(out.handle, labels.astype(dtype), compression="zlib")
+        out.commit()
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        out.discard()
         raise
 
 
@@ -207,13 +205,14 @@ def write_text_atomic(text: str, path: Path) -> None:
         raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
     if path.parent and not path.parent.is_dir():
         raise InputError(f"cannot write {path}: {path.parent} is a file, not a folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from nucli.export._atomic import AtomicFile
+
+    out = AtomicFile(path, newline="")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        out.handle.write(text)
+        out.commit()
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        out.discard()
         raise
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from nucli.stitching import Sink
-from nucli.export._atomic import replace_dir, temp_dir_for
+from nucli.export._atomic import hold, release, replace_dir, temp_dir_for
 
 CHUNK = 512
 
@@ -37,6 +37,7 @@ class LabelImageSink(Sink):
         self.target = array
         self.chunk = int(chunk)
         self._tmp: Path | None = None
+        self._lock: int | None = None
         self.count = 0
 
     def open(self, frame: Any) -> None:
@@ -59,6 +60,7 @@ class LabelImageSink(Sink):
                     "source_fingerprint": frame.fingerprint,
                     "method": frame.method,
                 }
+                self._lock = hold(self._tmp)  # being written: not a leftover for another run to remove
             except BaseException:
                 self.abort()
                 raise
@@ -124,6 +126,8 @@ class LabelImageSink(Sink):
         if self.path is not None and self._tmp is not None:
             replace_dir(self._tmp, self.path)
             self._tmp = None
+        release(self._lock)
+        self._lock = None
 
     def abort(self) -> None:
         if self._tmp is not None:
@@ -131,6 +135,8 @@ class LabelImageSink(Sink):
 
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        release(self._lock)
+        self._lock = None
 
 
 def read_label_image(path: Path) -> tuple[Any, dict[str, Any]]:
