@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from nucli.errors import InputError
 from nucli.models.gensegnet.enhance import ARRAY, STAGE, stage_settings
 
 __all__ = ["ARRAY", "STAGE", "EnhanceJob", "enhance_store", "has_enhanced", "segment_from_store", "write_pngs"]
@@ -107,10 +108,33 @@ def segment_from_store(store, method, members: list[int], extent: tuple[int, int
     return method.segment_enhanced(enhanced)
 
 
+def _png_name(index) -> str:
+    r, c = (int(v) for v in index)
+    return f"tile_{r:04d}_{c:04d}.png"
+
+
+def check_png_folder(store, folder: Path, overwrite: bool) -> None:
+    """Before any work: ``folder`` can take the tiles' PNGs. A PNG there of the same name is replaced only with
+    ``overwrite`` and only when nucli wrote it (:func:`nucli.outputs.check_replaceable`); other files stay."""
+    from nucli.export._atomic import check_writable
+    from nucli.outputs import check_replaceable
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--png {folder} is a file; --png names a folder for the enhanced tiles of a run store")
+    check_writable(folder / "tile.png")
+    if folder.is_dir():
+        for index in store.indices():
+            check_replaceable(folder / _png_name(index), overwrite)
+
+
 def write_pngs(store, folder: Path) -> int:
-    """Every enhanced tile as ``folder/tile_<row>_<col>.png``; returns the count."""
+    """Every enhanced tile as ``folder/tile_<row>_<col>.png`` (each written whole, carrying nucli's PNG
+    marker); returns the count."""
     from PIL import Image
 
+    from nucli.export._atomic import AtomicFile
+    from nucli.outputs import png_info
     from nucli.pipeline import tile_extents
 
     folder = Path(folder)
@@ -121,7 +145,12 @@ def write_pngs(store, folder: Path) -> int:
     n = 0
     for i in np.flatnonzero(done):
         w, h = (int(v) for v in extents[i])
-        r, c = (int(v) for v in idx[i])
-        Image.fromarray(store.read(ARRAY, i)[:h, :w]).save(folder / f"tile_{r:04d}_{c:04d}.png")
+        f = AtomicFile(folder / _png_name(idx[i]), binary=True)
+        try:
+            Image.fromarray(store.read(ARRAY, i)[:h, :w]).save(f.handle, format="PNG", pnginfo=png_info())
+            f.commit()
+        except BaseException:
+            f.discard()
+            raise
         n += 1
     return n

@@ -742,3 +742,37 @@ def test_every_row_of_the_reliability_table_names_existing_tests_and_the_readme_
     readme = (root / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
     assert f"{len(rows)} bad inputs and faults are tried" in section and "docs/reliability.md" in section
+
+
+def test_enhance_png_outputs_are_checked_before_work_and_replace_only_nucli_files(he_png, tmp_path):
+    from nucli.models.registry import get_spec
+
+    if not get_spec("gensegnet").weights_path.exists():
+        pytest.skip("gensegnet weights are not installed")
+    # an image: --png FOLDER writes <image>_enhanced.png there, carrying nucli's marker
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    r = invoke("enhance", he_png, "--png", folder, "--quiet")
+    assert r.exit_code == 0, r.output
+    out = folder / f"{Path(he_png).stem}_enhanced.png"
+    first = out.read_bytes()
+    one_line_error(invoke("enhance", he_png, "--png", folder), 2, "already exists", "--overwrite")
+    assert invoke("enhance", he_png, "--png", folder, "--overwrite", "--quiet").exit_code == 0
+    assert out.read_bytes() == first
+    # a user's own PNG of that name is never replaced, --overwrite or not
+    user = tmp_path / "mine.png"
+    write_png(user, np.zeros((8, 8, 3), np.uint8))
+    before = user.read_bytes()
+    one_line_error(invoke("enhance", he_png, "-o", user, "--overwrite"), 2, "refusing to replace")
+    assert user.read_bytes() == before
+    one_line_error(invoke("enhance", he_png, "-o", tmp_path / "a.png", "--png", folder), 1, "-o and --png")
+    # a run store: --png naming a file, and a folder holding a user's tile_0000_0000.png
+    run = tmp_path / "run.zarr"
+    assert invoke("tile", he_png, "-o", run, "--mpp", "0.5", "--tile-size", "256", "--overlap", "32",
+                  "--quiet").exit_code == 0
+    one_line_error(invoke("enhance", run, "--png", user), 2, "is a file")
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    write_png(tiles / "tile_0000_0000.png", np.zeros((8, 8, 3), np.uint8))
+    one_line_error(invoke("enhance", run, "--png", tiles, "--overwrite"), 2, "refusing to replace")
+    assert not RunStore.open(run).done("enhance").any()  # refused before any tile was enhanced

@@ -19,7 +19,7 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 def run(
     source: Annotated[Path, typer.Argument(help="A run store (RUN.zarr from `nucli tile`) or an image file.")],
     output: OptOutput = None,
-    png: Annotated[Optional[Path], typer.Option("--png", help="Also write enhanced tiles as PNGs into this folder.")] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", help="Run store: also write the enhanced tiles as PNGs into this folder. Image: the enhanced PNG (a .png path, or a folder to write <image>_enhanced.png into), like -o.")] = None,
     weights: Weights = None,
     batch_size: opt.OptBatchSize = None,
     device: opt.Device = "auto",
@@ -67,9 +67,26 @@ def run(
     inputs = [("the input", source), ("the weights", weights)]
     refuse_inputs([("-o", output), ("--png", png)], inputs)
     distributed = any(v is not None for v in (workers, threads, scheduler, cluster, cluster_config, shard))
+    store_input = is_run_store(source)
+    # every output is checked before the model is built: never an input, replaced only with --overwrite and
+    # only when nucli wrote it
+    if store_input:
+        if png is not None:
+            from nucli.enhance_stage import check_png_folder
+            from nucli.tiling.store import RunStore
+
+            check_png_folder(RunStore.open(source), png, overwrite)
+    else:
+        if output is not None and png is not None:
+            raise UsageError("-o and --png both name the enhanced image of an image input; give one of them")
+        output = _image_output(source, output if png is None else png, via_png=png is not None)
+        refuse_inputs([("--png" if png is not None else "-o", output)], inputs)  # also the default name
+        from nucli.outputs import check_replaceable
+
+        check_replaceable(output, overwrite)
     # Dask workers build their own model on their device; here it only names the stage's settings
     method = build_on_device("gensegnet", weights, CPU if distributed else dev, precision)
-    if is_run_store(source):
+    if store_input:
         if output is not None:
             raise UsageError("-o is for image inputs; a run store is enhanced in place (use --png DIR for pictures)")
         from nucli.parallel import MethodRecipe, make_runner
@@ -108,33 +125,38 @@ def _enhance_store(path: Path, method, batch_size: Optional[int], overwrite: boo
     return summary
 
 
-def _enhance_image(path: Path, method, output: Optional[Path], overwrite: bool) -> dict:
-    import os
-    import tempfile
+def _image_output(path: Path, given: Optional[Path], via_png: bool) -> Path:
+    """The enhanced PNG of an image input: ``given`` (-o FILE.png; --png FILE.png or --png FOLDER), else
+    <image>_enhanced.png beside the image."""
+    name = f"{path.stem}_enhanced.png"
+    if given is None:
+        return path.with_name(name)
+    given = Path(given)
+    if via_png and (given.is_dir() or given.suffix.lower() != ".png"):
+        return given / name
+    if given.suffix.lower() != ".png":
+        raise UsageError(f"-o {given}: the enhanced image is written as PNG; give a .png path")
+    return given
 
+
+def _enhance_image(path: Path, method, out: Path, overwrite: bool) -> dict:
     from PIL import Image
 
     from nucli.evaluation.labels_io import read_rgb
+    from nucli.export._atomic import AtomicFile, check_writable
     from nucli.models.gensegnet.method import enhanced_to_uint8
+    from nucli.outputs import png_info
 
     image = read_rgb(path)
     if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
         raise InputError(f"{path} is too large to enhance whole; tile it first with `nucli tile` and enhance the run store")
-    out = Path(output) if output is not None else path.with_name(f"{path.stem}_enhanced.png")
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"-o {out}: the enhanced image is written as PNG; give a .png path")
-    from nucli.outputs import check_replaceable, png_info, refuse_inputs
-
-    refuse_inputs([("-o", out)], [("the input", path)])  # also the default name, beside the image
-    check_replaceable(out, overwrite)
+    check_writable(out)
     enhanced = enhanced_to_uint8(method.enhance(image[None]))[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
+    f = AtomicFile(out, binary=True)  # appears only when complete; normal permissions
     try:
-        Image.fromarray(enhanced).save(tmp, format="PNG", pnginfo=png_info())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Image.fromarray(enhanced).save(f.handle, format="PNG", pnginfo=png_info())
+        f.commit()
+    except BaseException:
+        f.discard()
+        raise
     return {"image": str(path), "output": str(out), "size": f"{image.shape[1]}x{image.shape[0]}"}
