@@ -215,11 +215,13 @@ def test_slide_without_pixel_size_is_tiled_at_native_resolution(tmp_path, caplog
     tissue = make_tissue(900, 700, 1, seed=2, island_radius=(150, 200))
     skimage.io.imsave(tmp_path / "img.png", tissue.render(0, 0, 900, 700, 1.0), check_contrast=False)
     with caplog.at_level("WARNING", logger="nucli"):
-        store = tile_slide(tmp_path / "img.png", tmp_path / "p.zarr", tile_size=256, overlap=32, progress=False)
+        store = tile_slide(tmp_path / "img.png", tmp_path / "p.zarr", tile_size=256, overlap=32, progress=False,
+                           mpp="native")
     assert "no pixel size" in caplog.text
     m = store.meta
     assert m["source_mpp"] is None and m["working_mpp"] is None and m["downsample"] == 1.0
     assert m["working_size"] == [900, 700] and m["source"]["backend"] == "image"
+    assert m["auto_scale"] is None
     i = 0
     x, y = store.origins()[i]
     np.testing.assert_array_equal(store.read_tile(i)[: 700 - y, : 900 - x],
@@ -228,6 +230,25 @@ def test_slide_without_pixel_size_is_tiled_at_native_resolution(tmp_path, caplog
     store2 = tile_slide(tmp_path / "img.png", tmp_path / "q.zarr", mpp=0.25, mpp_target=0.5, tile_size=256,
                         overlap=32, progress=False)
     assert store2.meta["working_size"] == [450, 350] and store2.meta["source_mpp_from"] == "--mpp"
+
+
+def test_slide_without_pixel_size_gets_the_zoom_search_by_default(tmp_path):
+    """The shipped gensegnet weights were trained at one working scale: no --mpp means `auto`."""
+    import skimage.io
+
+    from nucli.autoscale import auto_by_default
+    from nucli.models.registry import build_method
+
+    assert auto_by_default(build_method("gensegnet").config)
+    tissue = make_tissue(900, 700, 1, seed=2, island_radius=(150, 200))
+    skimage.io.imsave(tmp_path / "img.png", tissue.render(0, 0, 900, 700, 1.0), check_contrast=False)
+    store = tile_slide(tmp_path / "img.png", tmp_path / "p.zarr", tile_size=256, overlap=32, progress=False)
+    m = store.meta
+    assert m["source_mpp"] is None and m["source_mpp_from"] == "auto"
+    assert m["auto_scale"]["n_nuclei"] > 0 and m["downsample"] == pytest.approx(1.0 / m["auto_scale"]["zoom"])
+    # resuming the same command finds the same store (the search is deterministic)
+    again = tile_slide(tmp_path / "img.png", tmp_path / "p.zarr", tile_size=256, overlap=32, progress=False)
+    assert again.meta["auto_scale"] == m["auto_scale"]
 
 
 def test_cli_summary_and_progress_silence(slide, tmp_path):

@@ -27,8 +27,8 @@ CPU_PARAMS = {
 
 CONFIG = MethodConfig(
     name="gensegnet",
-    mpp=0.5,  # assumed: DSB2018 has no pixel size; its median nucleus is ~19 px across
-    nucleus_diameter_px=19.0,
+    mpp=0.35,  # the working scale of the shipped weights (trained on dsb2018 + monuseg + bitdepth_nucseg)
+    nucleus_diameter_px=17.0,  # the training reference: MoNuSeg's median nucleus (5.8 µm) at 0.35 µm/px
     # DSB2018-scale nuclei reach ~120 px (24 % of the test nuclear area lies in nuclei
     # more than 31 px from their centroid, none beyond 63 px): bound at 128, overlap to match
     max_nucleus_diameter_px=128,
@@ -52,7 +52,7 @@ SPEC = register(
         config=CONFIG,
         builder=_build,
         weights_file="gensegnet_cpu.safetensors",
-        weights_sha256="159f70124e7fa74ece24f48889efb2b0af9184f03b46b62a3d141097ebd06721",
+        weights_sha256="35ba924bf8f8a9eea38f67ea66c8626a6a63deb72abb4b251196c5570d15addf",
         needs_weights=True,
     )
 )
