@@ -291,8 +291,7 @@ def tile_nuclei(
     import shapely
     from scipy import ndimage as ndi
 
-    from nucli.export.measurements import measure
-    from nucli.export.qupath_grid import snap
+    from nucli.export.measurements import measurements_from_stats
     from nucli.postprocess import BRIGHTFIELD, FLUORESCENCE, is_blank, is_pale_pink, nucleus_channel
 
     labels = np.asarray(labels)
@@ -314,41 +313,128 @@ def tile_nuclei(
         return []
     left, top, right, bottom = grid.interior_edges(row, col)
     slices = ndi.find_objects(labels)
-    channel = nucleus_channel(pixels, BRIGHTFIELD if frame.brightfield else FLUORESCENCE)
-    d = frame.downsample
-    out: list[Nucleus] = []
     for lab in np.flatnonzero(owned):
         sl = slices[lab - 1]
         if (left and sl[1].start == 0) or (top and sl[0].start == 0) or (right and sl[1].stop == w) or (
             bottom and sl[0].stop == h
         ):
             _too_big(sl, cx[lab], cy[lab], frame)
-        mask = labels[sl] == lab
-        x0, y0 = sl[1].start + ox, sl[0].start + oy
-        poly_w = polygon_of(mask, x0, y0)
-        if poly_w is None:
-            continue
-        # the level-0 polygon on QuPath's 0.01 px grid, measured as written
-        poly0 = snap(shapely.transform(poly_w, lambda c: c * d) if d != 1.0 else poly_w)
+    px = np.asarray(pixels)[rr, cc]  # the nucleus pixels only: the channel is computed per pixel
+    channel = nucleus_channel(px[None], BRIGHTFIELD if frame.brightfield else FLUORESCENCE)[0]
+    # every measurement of every nucleus of the tile at once (sums over the label image, no per-nucleus loop)
+    stats = _label_stats(ids, rr, cc, cnt, channel, n)
+    if frame.brightfield and frame.min_hematoxylin_od > 0:
+        safe = np.maximum(cnt, 1.0)
+        r, g, b = (np.bincount(ids, weights=px[:, k].astype(np.float64), minlength=n + 1) / safe for k in range(3))
+        # pink with little hematoxylin on H&E: stroma or cytoplasm (the method's setting); as bright as the
+        # glass: not a stained nucleus
+        owned &= ~(is_pale_pink(stats["channel_mean"], r, g, b, frame.min_hematoxylin_od)
+                   | is_blank(r, g, b, frame.background))
+    labs = np.flatnonzero(owned)
+    if not len(labs):
+        return []
+    masks = [labels[slices[lab - 1]] == lab for lab in labs]
+    corners = [(slices[lab - 1][1].start + ox, slices[lab - 1][0].start + oy) for lab in labs]
+    polys = outlines(masks, corners, frame.downsample)
+    d = frame.downsample
+    area = shapely.area(polys) / (d * d)
+    length = shapely.length(polys) / d
+    hull = shapely.area(shapely.convex_hull(polys)) / (d * d)
+    # centroids as the mean of tile-local pixel coordinates (exact integer sums), plus the corner
+    sx, sy = np.bincount(ids, weights=cc, minlength=n + 1)[labs], np.bincount(ids, weights=rr, minlength=n + 1)[labs]
+    xs = np.array([c[0] - ox for c in corners], np.float64)
+    ys = np.array([c[1] - oy for c in corners], np.float64)
+    nk = cnt[labs]
+    cx_k = (sx - nk * xs) / nk + 0.5 + (xs + ox)
+    cy_k = (sy - nk * ys) / nk + 0.5 + (ys + oy)
+    meas_all = measurements_from_stats(stats, labs, cx_k, cy_k, polygon_area_w=area, perimeter_w=length,
+                                       polygon_hull_area_w=hull, downsample=d, um_per_px=frame.um_per_px)
+    out: list[Nucleus] = []
+    for k, lab in enumerate(labs):
+        poly0 = polys[k]
         if poly0 is None:
             continue
-        meas = measure(mask, channel[sl], x0=x0, y0=y0, perimeter_w=poly0.length / d,
-                       polygon_area_w=poly0.area / (d * d), polygon_hull_area_w=poly0.convex_hull.area / (d * d),
-                       downsample=d, um_per_px=frame.um_per_px, brightfield=frame.brightfield)
-        if frame.brightfield and frame.min_hematoxylin_od > 0:
-            px = pixels[sl][mask]
-            r, g, b = px[:, 0].mean(), px[:, 1].mean(), px[:, 2].mean()
-            if is_pale_pink(meas.get("channel_mean", 1.0), r, g, b, frame.min_hematoxylin_od):
-                continue  # pink with little hematoxylin on H&E: stroma or cytoplasm (the method's setting)
-            if is_blank(r, g, b, frame.background):
-                continue  # as bright as the glass: not a stained nucleus
+        mask = masks[k]
+        x0, y0 = corners[k]
         score = None
         if scores is not None and lab < len(scores) and not math.isnan(float(scores[lab])):
             score = float(scores[lab])
         out.append(Nucleus(uid=nucleus_uid(frame.fingerprint, row, col, int(lab), x0, y0, mask), tile=index,
                            row=row, col=col, tile_label=int(lab), x0=x0, y0=y0, mask=mask, polygon=poly0,
-                           measurements=meas, score=score))
+                           measurements=meas_all[k], score=score))
     return out
+
+
+def _label_stats(ids: np.ndarray, rr: np.ndarray, cc: np.ndarray, cnt: np.ndarray, values: np.ndarray,
+                 n: int) -> dict[str, np.ndarray]:
+    """Per-label pixel statistics of a label image, indexed by label: centred second moments of the pixel
+    coordinates and the mean / standard deviation of ``values`` (the nucleus channel at each pixel)."""
+    safe = np.maximum(cnt, 1.0)
+
+    def mean(weights: np.ndarray) -> np.ndarray:
+        return np.bincount(ids, weights=weights, minlength=n + 1) / safe
+
+    dx = cc - mean(cc)[ids]
+    dy = rr - mean(rr)[ids]
+    v = values.astype(np.float64)
+    vm = mean(v)
+    dv = v - vm[ids]
+    return {"mxx": mean(dx * dx), "myy": mean(dy * dy), "mxy": mean(dx * dy), "channel_mean": vm,
+            "channel_std": np.sqrt(mean(dv * dv)), "count": cnt}
+
+
+def outlines(masks: Sequence[np.ndarray], corners: Sequence[tuple[int, int]], downsample: float) -> list[Any]:
+    """Level-0 outlines on QuPath's 0.01 px grid of many nuclei: for each bool mask (top-left pixel at working
+    ``corners[k]``) the polygon of :func:`polygon_of`, scaled by ``downsample`` and rounded as
+    :func:`~nucli.export.qupath_grid.snap` does (None where an outline collapses). The marching squares run
+    per mask; building, checking, simplifying, orienting and rounding the polygons run on all of them at once."""
+    import shapely
+    from skimage.measure import find_contours
+
+    from nucli.export.qupath_grid import DECIMALS, snap
+
+    d = float(downsample)
+    rings: list[np.ndarray] = []
+    for mask, (x0, y0) in zip(masks, corners):
+        h, w = mask.shape
+        padded = np.zeros((h + 2, w + 2), np.uint8)
+        padded[1:-1, 1:-1] = mask
+        contours = find_contours(padded, 0.5, fully_connected="high")
+        if not contours:
+            rings.append(None)
+            continue
+        best = contours[0] if len(contours) == 1 else max(contours, key=_ring_area)
+        rings.append(np.stack([best[:, 1] - 0.5 + x0, best[:, 0] - 0.5 + y0], axis=1))
+    out: list[Any] = [None] * len(rings)
+    todo = [k for k, r in enumerate(rings) if r is not None and len(r) >= 4]
+    if not todo:
+        return out
+    coords = np.concatenate([rings[k] for k in todo])
+    index = np.repeat(np.arange(len(todo)), [len(rings[k]) for k in todo])
+    polys = shapely.polygons(shapely.linearrings(coords, indices=index))
+    valid = shapely.is_valid(polys)
+    polys = shapely.simplify(polys, 0.0)
+    ok = valid & (shapely.get_type_id(polys) == 3) & ~shapely.is_empty(polys)
+    polys = shapely.orient_polygons(polys, exterior_cw=False)
+    scale = (lambda c: np.round(c * d, DECIMALS)) if d != 1.0 else (lambda c: np.round(c, DECIMALS))
+    level0 = shapely.transform(polys, scale)
+    fine = ok & shapely.is_valid(level0) & (shapely.area(level0) > 0)
+    level0 = shapely.orient_polygons(level0, exterior_cw=False)
+    for j, k in enumerate(todo):
+        if fine[j]:
+            out[k] = level0[j]
+            continue
+        # the rare outline that needs a repair: the one-nucleus path
+        mask, (x0, y0) = masks[k], corners[k]
+        poly_w = polygon_of(mask, x0, y0)
+        if poly_w is not None:
+            out[k] = snap(shapely.transform(poly_w, lambda c: c * d) if d != 1.0 else poly_w)
+    return out
+
+
+def _ring_area(c: np.ndarray) -> float:
+    y, x = c[:, 0], c[:, 1]
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2.0
 
 
 def _too_big(sl: tuple[slice, slice], cx: float, cy: float, frame: Frame) -> None:

@@ -178,6 +178,69 @@ def measure(
     return out
 
 
+def measurements_from_stats(
+    stats: dict[str, np.ndarray],
+    labels: np.ndarray,
+    cx_w: np.ndarray,
+    cy_w: np.ndarray,
+    *,
+    polygon_area_w: np.ndarray,
+    perimeter_w: np.ndarray,
+    polygon_hull_area_w: np.ndarray,
+    downsample: float,
+    um_per_px: float | None,
+) -> list[dict[str, float]]:
+    """:func:`measure` for many nuclei at once: one dict per entry of ``labels``.
+
+    ``stats``: per-label arrays indexed by label (``count``, centred second moments ``mxx``/``myy``/``mxy``,
+    ``channel_mean``/``channel_std``); ``cx_w``/``cy_w`` (centroids, working px, pixel centres at +0.5) and
+    the polygon arrays are per entry of ``labels`` (NaN where a nucleus has no outline).
+    """
+    labels = np.asarray(labels)
+    d = float(downsample)
+    n = stats["count"][labels]
+    mxx = stats["mxx"][labels] + 1.0 / 12.0
+    myy = stats["myy"][labels] + 1.0 / 12.0
+    mxy = stats["mxy"][labels]
+    common = np.sqrt(np.maximum(((mxx - myy) / 2.0) ** 2 + mxy * mxy, 0.0))
+    l1 = (mxx + myy) / 2.0 + common
+    l2 = np.maximum((mxx + myy) / 2.0 - common, 0.0)
+    major, minor = 4.0 * np.sqrt(l1), 4.0 * np.sqrt(l2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ecc = np.where(l1 > 0, np.sqrt(np.maximum(1.0 - l2 / l1, 0.0)), 0.0)
+        area = np.asarray(polygon_area_w, np.float64)
+        hull = np.asarray(polygon_hull_area_w, np.float64)
+        per = np.asarray(perimeter_w, np.float64)
+        solidity = np.where(hull > 0, np.minimum(1.0, area / hull), 1.0)
+        circ = np.where(per > 0, 4.0 * math.pi * area / (per * per), 0.0)
+    orient = 0.5 * np.degrees(np.arctan2(2.0 * mxy, mxx - myy))
+    orient = np.where(orient <= -90.0, orient + 180.0, orient)
+    cx, cy = np.asarray(cx_w, np.float64), np.asarray(cy_w, np.float64)
+    eq = np.sqrt(4.0 * n / math.pi)
+    cols: dict[str, np.ndarray] = {
+        "centroid_x_px": cx * d,
+        "centroid_y_px": cy * d,
+        "area_px2": n * d * d,
+        "perimeter_px": per * d,
+        "equivalent_diameter_px": eq * d,
+        "major_axis_px": major * d,
+        "minor_axis_px": minor * d,
+        "eccentricity": ecc,
+        "solidity": solidity,
+        "circularity": circ,
+        "orientation_deg": orient,
+        "channel_mean": stats["channel_mean"][labels],
+        "channel_std": stats["channel_std"][labels],
+    }
+    if um_per_px:
+        u = float(um_per_px)  # µm per working px
+        cols.update(centroid_x_um=cx * u, centroid_y_um=cy * u, area_um2=n * u * u, perimeter_um=per * u,
+                    equivalent_diameter_um=eq * u, major_axis_um=major * u, minor_axis_um=minor * u)
+    keys = list(cols)
+    table = np.stack([cols[k] for k in keys], axis=1).tolist()
+    return [dict(zip(keys, row)) for row in table]
+
+
 def row_values(nucleus: Any, cols: list[Column], brightfield: bool) -> dict[str, Any]:
     """A nucleus' values keyed by column key (channel columns renamed for the modality)."""
     m = dict(nucleus.measurements)
