@@ -257,17 +257,19 @@ _OBJECT_KEYS = ("objects", "cell_expansion_um", "cells", "positivity", "positivi
 
 
 def readme_picture(overlay: str | Path, dest: str | Path, *, box: tuple[int, int, int, int] | None = None,
-                   colors: int = 192) -> Path:
+                   colors: int = 48, slide_width: int = 512 + 2 * MARGIN) -> Path:
     """A small PNG for the README from a demo overlay: cropped to ``box`` (x0, y0, x1, y1;
-    default the tissue, without the glass margin) and reduced to a ``colors``-colour palette
-    in which the outline colour is kept exact."""
+    default the tissue, without the glass margin: the overlay is drawn at the method's working
+    pixel size, so the margin of a ``slide_width`` px slide is scaled to the overlay's width) and
+    reduced to a ``colors``-colour palette in which the outline colour is kept exact."""
     from PIL import Image
 
     from nucli.export.overlay import CONTOUR_RGB
 
     img = Image.open(overlay).convert("RGB")
     if box is None:
-        box = (MARGIN, MARGIN, img.width - MARGIN, img.height - MARGIN)
+        m = int(round(MARGIN * img.width / float(slide_width)))
+        box = (m, m, img.width - m, img.height - m)
     img = img.crop(box)
     outline = np.all(np.asarray(img) == np.array(CONTOUR_RGB, np.uint8), axis=2)
     q = img.quantize(colors=colors - 1, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
