@@ -43,6 +43,14 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+def unchanged_but(before: dict[str, str], after: dict[str, str], *outputs: str) -> None:
+    """Between two snapshots only ``outputs`` (top-level names, with everything under them) changed."""
+    def mine(rel: str) -> bool:
+        return rel.split(os.sep)[0] in outputs
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k) and not mine(k))
+    assert not changed, changed
+
+
 @pytest.fixture(scope="module")
 def he_png(tmp_path_factory):
     d = tmp_path_factory.mktemp("he2")
@@ -82,7 +90,7 @@ def _cases(d: Path) -> dict[str, list]:
         "stitch RUN -o RUN": ["stitch", store, "-o", store, "--overwrite"],
         "stitch RUN -o inside RUN": ["stitch", store, "-o", store / "x.geojson", "--overwrite"],
         "stitch --format labels into RUN": ["stitch", store, "-o", store / "n.csv", "-f", "labels"],
-        "evaluate -o PRED": ["evaluate", d / "n.labels.zarr", d / "gt.tif", "-o", d / "gt.tif", "--overwrite"],
+        "evaluate -o GT": ["evaluate", d / "n.labels.zarr", d / "gt.tif", "-o", d / "gt.tif", "--overwrite"],
         "evaluate --csv inside GT": ["evaluate", d / "n.labels.zarr", d / "gts", "--csv", d / "gts" / "m.csv"],
     }
 
@@ -119,7 +127,7 @@ def _user_zarr(path: Path) -> None:
     g.attrs["owner"] = "me"
 
 
-@pytest.mark.parametrize("case, make, words", [
+_REFUSALS = [
     ("tile -o folder", lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")), "a folder of 1 entry"),
     ("tile -o user zarr", _user_zarr, "a Zarr group that nucli did not write"),
     ("tile -o user file", lambda p: p.write_text("mine"), "a file of 4 bytes"),
@@ -131,21 +139,37 @@ def _user_zarr(path: Path) -> None:
     ("stitch --overlay user png", lambda p: write_png(p, np.zeros((8, 8, 3), np.uint8)), "a PNG image"),
     ("segment -o user geojson", lambda p: p.write_text('{"type": "FeatureCollection", "features": [{}]}'),
      "a JSON file"),
-])
+    ("stitch -f labels folder", lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")), "a folder of 1 entry"),
+    ("segment -f labels folder", lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")), "a folder of 1 entry"),
+    ("segment --store folder", lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")), "a folder of 1 entry"),
+    ("tile -o folder, no --overwrite", lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")),
+     "a folder of 1 entry"),
+]
+
+
+@pytest.mark.parametrize("case, make, words", _REFUSALS, ids=[c[0] for c in _REFUSALS])
 def test_overwrite_refuses_what_nucli_did_not_write(run_dir, tmp_path, case, make, words):
     d = fresh_run(run_dir, tmp_path / "run")
     target = {"tile -o folder": d / "results.zarr", "tile -o user zarr": d / "image.zarr",
               "tile -o user file": d / "r.zarr", "stitch -o folder": d / "results.zarr",
               "stitch -f labels user zarr": d / "o.labels.zarr", "stitch -o user geojson": d / "o.geojson",
               "stitch -o user csv": d / "o.csv", "stitch --overlay user png": d / "o.png",
-              "segment -o user geojson": d / "o.geojson"}[case]
+              "segment -o user geojson": d / "o.geojson", "stitch -f labels folder": d / "o.labels.zarr",
+              "segment -f labels folder": d / "o.labels.zarr", "segment --store folder": d / "results.zarr",
+              "tile -o folder, no --overwrite": d / "results.zarr"}[case]
     make(target)
     store = d / "n.nucli.zarr"
     args = {"tile": ["tile", d / "he.png", "-o", target, *TILE, "--overwrite"],
             "stitch": ["stitch", store, "-o", target, "--overwrite"],
             "segment": ["segment", d / "he.png", "-o", target, *SEG, "--overwrite"]}[case.split()[0]]
-    if case == "stitch -f labels user zarr":
+    if case in ("stitch -f labels user zarr", "stitch -f labels folder"):
         args = ["stitch", store, "-o", d / "o.geojson", "-f", "labels", "--overwrite"]
+    if case == "segment -f labels folder":
+        args = ["segment", d / "he.png", "-o", d / "o.geojson", "-f", "labels", *SEG, "--overwrite"]
+    if case == "segment --store folder":  # the run store of a segment run
+        args = ["segment", d / "he.png", "-o", d / "o.geojson", "--store", target, *SEG, "--overwrite"]
+    if case == "tile -o folder, no --overwrite":  # not "pass --overwrite": that would be refused too
+        args = args[:-1]
     if case == "stitch --overlay user png":
         args = ["stitch", store, "-o", d / "o.geojson", "--overlay", target, "--overwrite"]
     before = snapshot(tmp_path)
@@ -158,6 +182,7 @@ def test_overwrite_replaces_nucli_outputs_and_empty_ones(run_dir, tmp_path):
     (d / "empty.zarr").mkdir()
     (d / "empty.geojson").write_text("")
     store = d / "n.nucli.zarr"
+    before = snapshot(d)
     for args in (["stitch", store, "-o", d / "n.geojson", "-f", "csv", "-f", "labels", "-f", "geojson.gz",
                   "--overlay", d / "n.png", "--overwrite", "--quiet"],
                  ["stitch", store, "-o", d / "n.geojson", "-f", "csv", "-f", "labels", "-f", "geojson.gz",
@@ -171,6 +196,8 @@ def test_overwrite_replaces_nucli_outputs_and_empty_ones(run_dir, tmp_path):
     assert (d / "n.geojson").read_bytes() == (run_dir / "n.geojson").read_bytes()
     assert (d / "n.csv").read_bytes() == (run_dir / "n.csv").read_bytes()
     assert json.loads((d / "empty.geojson").read_text())["features"]
+    unchanged_but(before, snapshot(d), "n.geojson", "n.csv", "n.labels.zarr", "n.png", "n.geojson.gz",
+                  "empty.geojson", "empty.zarr")
 
 
 # ====================================================================== exports fail whole
@@ -221,6 +248,7 @@ def test_a_sparse_label_image_is_written_chunk_by_chunk(tmp_path):
     assert arr[5, 7] == 1 and arr[79_989, 79_981] == 2 and arr[40_000, 40_000] == 0
     assert arr[5:15, 7:19].sum() == 120 and arr[79_980:79_990, 79_970:79_982].sum() == 240
     assert len(list((tmp_path / "big.labels.zarr" / "c").rglob("*"))) <= 6  # 2 chunks (+ their folders)
+    assert os.listdir(tmp_path) == ["big.labels.zarr"]  # nothing beside it (no temporary folder left)
 
 
 # ====================================================================== concurrent runs into a new folder
@@ -232,6 +260,7 @@ def test_two_tile_runs_into_the_same_new_folder(he_png, tmp_path):
     ref = tmp_path / "ref.zarr"
     assert invoke("tile", he_png, "-o", ref, *TILE).exit_code == 0
     ref_tiles = np.asarray(RunStore.open(ref).array("tiles")[:])
+    inputs, here = snapshot(he_png.parent), snapshot(tmp_path)
     for trial in range(2):
         out = tmp_path / f"new{trial}" / "deeper" / "run.zarr"
         cmd = [sys.executable, "-c", "from nucli.cli import app; app(prog_name='nucli')", "tile", str(he_png), "-o", str(out), *map(str, TILE)]
@@ -244,6 +273,29 @@ def test_two_tile_runs_into_the_same_new_folder(he_png, tmp_path):
         assert store.is_complete("tile")
         np.testing.assert_array_equal(np.asarray(store.array("tiles")[:]), ref_tiles)
         assert sorted(p.name for p in out.parent.iterdir()) == ["run.zarr"]
+    assert snapshot(he_png.parent) == inputs  # the slide (and its folder) untouched
+    unchanged_but(here, snapshot(tmp_path), "new0", "new1")
+
+
+def test_two_segment_runs_into_the_same_new_folder(he_png, tmp_path):
+    """The same race through ``nucli segment`` (store, tiles, labels, GeoJSON): each run exits 0, or 2 with
+    the lock error (or finds the other's finished GeoJSON); the outputs are those of a run on its own."""
+    ref = tmp_path / "ref" / "o.geojson"
+    assert invoke("segment", he_png, "-o", ref, *SEG).exit_code == 0
+    inputs, here = snapshot(he_png.parent), snapshot(tmp_path)
+    out = tmp_path / "new" / "deeper" / "o.geojson"
+    cmd = [sys.executable, "-c", "from nucli.cli import app; app(prog_name='nucli')", "segment", str(he_png),
+           "-o", str(out), *map(str, SEG)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    for rc, err in results:
+        assert rc == 0 or (rc == 2 and ("being written by another nucli process" in err or "already exists" in err)
+                           and len(err.strip().splitlines()) == 1), (rc, err)
+    assert any(rc == 0 for rc, _ in results)
+    assert out.read_bytes() == ref.read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["o.geojson", "o.nucli.zarr"]
+    assert snapshot(he_png.parent) == inputs
+    unchanged_but(here, snapshot(tmp_path), "new")
 
 
 # ====================================================================== run stores against their schema
@@ -265,7 +317,7 @@ def _retype(store: Path, name: str, dtype: str | None = None, shape: tuple | Non
     ("tiles", "uint16", None, "array 'tiles' is uint16"),
     ("origin", "float64", None, "array 'origin' is float64"),
     ("done/segment", "int64", None, "array 'done/segment' is int64"),
-])
+], ids=["labels float32", "labels shape", "tiles uint16", "origin float64", "done-segment int64"])
 def test_a_store_whose_arrays_were_edited_is_refused(run_dir, tmp_path, name, dtype, shape, words):
     d = fresh_run(run_dir, tmp_path / "run")
     store = d / "n.nucli.zarr"
@@ -289,8 +341,9 @@ def _same_ends_other_middle(src: bytes, seed: int) -> bytes:
 
 
 def test_the_fingerprint_samples_the_whole_file(tmp_path):
-    from nucli.slide import _fingerprint, _legacy_fingerprint
+    from nucli.slide import FINGERPRINT_SAMPLES, _fingerprint, _legacy_fingerprint
 
+    assert FINGERPRINT_SAMPLES == 64
     for size in (300_000, 20 << 20):  # hashed whole; sampled
         a = tmp_path / f"a{size}"
         a.write_bytes(np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes())
@@ -300,7 +353,9 @@ def test_the_fingerprint_samples_the_whole_file(tmp_path):
         assert _fingerprint(a) != _fingerprint(b)
         c = tmp_path / f"c{size}"
         shutil.copy(a, c)
+        before = snapshot(tmp_path)
         assert _fingerprint(a) == _fingerprint(c) and _fingerprint(a).startswith(f"{size}-s-")
+        assert snapshot(tmp_path) == before
 
 
 def _striped_tiff(path: Path, seed: int, base: np.ndarray | None = None) -> Path:
@@ -357,7 +412,7 @@ def test_another_slide_with_the_same_size_and_ends_is_refused(tmp_path):
     (["--mpp", "0.5", "--mpp-target", "1e-6"], ["--mpp-target 1e-06", "not a microscope pixel size"]),
     (["--mpp", "19", "--mpp-target", "0.25"], ["enlarge the slide 76x", "at most 16x", "--mpp"]),
     (["--mpp", "0.5", "--tile-size", "100000"], ["--tile-size must be between 16 and 8192"]),
-])
+], ids=["mpp 1e-300", "mpp 1e300", "mpp 100", "mpp-target 1e-6", "enlarged 76x", "tile-size 100000"])
 def test_absurd_pixel_and_tile_sizes_are_usage_errors(he_png, tmp_path, opts, words):
     shutil.copy(he_png, tmp_path / "he.png")
     before = snapshot(tmp_path)
@@ -367,22 +422,35 @@ def test_absurd_pixel_and_tile_sizes_are_usage_errors(he_png, tmp_path, opts, wo
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("dpi, unit", [(72, "INCH"), (96, "INCH"), (300, "INCH"), (1e-9, "CENTIMETER")])
-def test_screen_resolutions_in_a_tiff_are_not_pixel_sizes(he_png, tmp_path, dpi, unit):
+@pytest.mark.parametrize("dpi, unit, method", [(72, "INCH", None), (96, "INCH", "watershed"),
+                                               (300, "INCH", "watershed"), (1e-9, "CENTIMETER", "watershed")],
+                         ids=["72 dpi", "96 dpi", "300 dpi", "1e13 um per px"])
+def test_screen_resolutions_in_a_tiff_are_not_pixel_sizes(he_png, tmp_path, dpi, unit, method):
+    """72 dpi is 352.8 µm/px; 1e-9 px/cm a TIFF claiming 1e13 µm/px. With the default method the zoom comes
+    from the nuclei (the search); with one without a working scale, native resolution (read as a pixel size,
+    either would enlarge the slide hundreds of times, now refused)."""
     from PIL import Image
 
     rgb = np.asarray(Image.open(he_png).convert("RGB"))
     tif = tmp_path / "scan.tif"
     tifffile.imwrite(tif, rgb, photometric="rgb", resolution=(dpi, dpi), resolutionunit=unit)
-    r = invoke("tile", tif, "-o", tmp_path / "r.zarr", "--tile-size", "256", "--overlap", "32", "--json")
+    opts = ["--method", method] if method else []
+    before = snapshot(tmp_path)
+    r = invoke("tile", tif, "-o", tmp_path / "r.zarr", "--tile-size", "256", "--overlap", "32", "--json", *opts)
     assert r.exit_code == 0, r.output
     err = " ".join(r.stderr.split())  # the log wraps long lines
     assert "not a microscope pixel size" in err and "pass --mpp" in err
     summary = json.loads(r.stdout)
-    # no pixel size: the zoom comes from the nuclei themselves (the default search), not a 352x upsampling
-    assert summary["source_mpp"] is None and 0.3 <= summary["downsample"] <= 4.0
-    r = invoke("info", tif)
+    assert summary["source_mpp"] is None
+    if method:
+        assert summary["downsample"] == 1.0
+    else:  # no pixel size: the zoom comes from the nuclei themselves, not a 352x upsampling
+        assert 0.3 <= summary["downsample"] <= 4.0
+    unchanged_but(before, snapshot(tmp_path), "r.zarr")
+    before = snapshot(tmp_path)
+    r = invoke("info", tif, *(opts or ["--probe", "0"]))
     assert r.exit_code == 0 and "not a microscope pixel size" in r.stderr, r.output
+    assert snapshot(tmp_path) == before
 
 
 def test_a_fifo_as_the_slide_is_an_error_not_a_hang(tmp_path):
@@ -396,7 +464,7 @@ def test_a_fifo_as_the_slide_is_an_error_not_a_hang(tmp_path):
 
 
 # ====================================================================== an empty --method
-@pytest.mark.parametrize("name", ["", " "])
+@pytest.mark.parametrize("name", ["", " "], ids=["empty", "blank"])
 def test_an_empty_method_name_is_a_usage_error(he_png, tmp_path, name):
     img = Path(shutil.copy(he_png, tmp_path / "he.png"))
     (tmp_path / "ds" / "images").mkdir(parents=True)
@@ -444,7 +512,7 @@ def test_an_ascii_only_output_gets_um_not_a_crash(tmp_path, env):
     (np.uint8, None, 0.5, "µm", "tiffslide"),  # stripped 8-bit RGB: tiffslide
     (np.uint8, None, 500, "nm", "tiffslide"),
     (np.uint16, None, 0.5, "µm", "image"),  # 16-bit: the plain-image reader (read it before)
-])
+], ids=["8-bit tiled", "8-bit stripped", "8-bit stripped nm", "16-bit"])
 def test_ome_tiff_pixel_size_is_read_by_every_reader(tmp_path, dtype, tile, size, unit, reader):
     from nucli.slide import open_slide
 
@@ -470,6 +538,7 @@ def test_nan_pixels_in_a_float_image_are_background_with_one_warning(tmp_path):
     tifffile.imwrite(tmp_path / "clean.tif", img)
     img[holes] = [np.nan, np.nan, np.inf, -np.inf]
     tifffile.imwrite(tmp_path / "nan.tif", img)
+    before = snapshot(tmp_path)
     counts = {}
     for name in ("clean", "nan"):
         r = invoke("segment", tmp_path / f"{name}.tif", "-o", tmp_path / f"{name}.geojson", "--overlay",
@@ -480,6 +549,8 @@ def test_nan_pixels_in_a_float_image_are_background_with_one_warning(tmp_path):
         assert "RuntimeWarning" not in err and "invalid value" not in err, err
         assert err.count("not numbers") == (name == "nan"), err
     assert counts["nan"] == counts["clean"] == 40
+    unchanged_but(before, snapshot(tmp_path), *(f"{n}.{ext}" for n in ("clean", "nan")
+                                                for ext in ("geojson", "png", "nucli.zarr")))
     from nucli.tiling.store import RunStore
 
     store = RunStore.open(tmp_path / "nan.nucli.zarr")
@@ -519,7 +590,46 @@ def test_a_slide_cut_short_after_its_last_whole_image_is_read_with_one_warning(t
     monkeypatch.setattr(backends, "_WARNED", set())  # once per process: each command here is a process
     r = invoke("tile", tmp_path / name, "-o", out, *args)
     assert r.exit_code == 0 and " ".join(r.stderr.split()).count("looks cut short") == 1, r.output
+    unchanged_but(before, snapshot(tmp_path), out.name)
     np.testing.assert_array_equal(np.asarray(RunStore.open(out).array("tiles")[:]), ref)  # level 0 is whole
+
+
+@pytest.mark.parametrize("frac", [0.9, 0.5])
+def test_a_synthetic_svs_cut_at_90_percent_is_refused(tmp_path, frac):
+    """Its directories lie between the image data: cut at 90 % (or half), level 0's data runs past the end."""
+    from nucli.synthetic import make_tissue, write_pyramidal_tiff
+
+    tissue = make_tissue(1024, 768, 1, seed=3, island_radius=(370, 380))
+    whole = write_pyramidal_tiff(tmp_path / "whole.svs", tissue.render, 1024, 768, mpp=0.5, compression="jpeg")
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: int(len(data) * frac)])
+    before = snapshot(tmp_path)
+    for args in (["info", cut, "--probe", "0", "--method", "watershed"], ["tile", cut, "-o", tmp_path / "r.zarr", *TILE],
+                 ["segment", cut, "-o", tmp_path / "r.geojson", *SEG]):
+        one_line_error(invoke(*args), 2, "cut.svs is a damaged or truncated TIFF/slide file", "image data ends at byte")
+    assert snapshot(tmp_path) == before
+
+
+def test_the_real_svs_cut_at_90_percent_is_read_with_one_warning(cmu_slide, tmp_path, monkeypatch):
+    """CMU-1-Small-Region.svs keeps its directories after the data: cut at 90 %, its label/macro pictures and
+    a reduced level are gone, level 0 is whole and read as before, with one warning."""
+    import nucli.slide_backends as backends
+    from nucli.slide import open_slide
+
+    data = cmu_slide.read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: int(len(data) * 0.9)])
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(backends, "_WARNED", set())
+    r = invoke("info", cut, "--probe", "0", "--method", "watershed")
+    assert r.exit_code == 0, r.output
+    err = " ".join(r.stderr.split())
+    assert err.count("looks cut short") == 1 and "the images after the first 2" in err, err
+    with open_slide(cmu_slide) as whole, open_slide(cut) as part:
+        assert part.dimensions == whole.dimensions
+        np.testing.assert_array_equal(part.read_region(1000, 1500, 512, 512), whole.read_region(1000, 1500, 512, 512))
+    assert snapshot(tmp_path) == before
 
 
 # ====================================================================== settings of the wrong type in a weights file
@@ -562,7 +672,8 @@ def _set(path: str, value):
     ("harunet", "params.tta", "yes", ['params.tta = "yes"', "expected true or false"]),
     ("harunet", "params.min_area", True, ["params.min_area = true", "expected a number"]),
     ("harunet", "tile_size", 300.5, ["tile_size = 300.5", "a whole number between 16 and 8192"]),
-])
+], ids=["body_threshold abc", "min_area list", "bf16 object", "background_threshold NaN",
+        "harunet mask_threshold 1.5", "harunet tta yes", "harunet min_area true", "harunet tile_size 300.5"])
 def test_a_weights_config_with_settings_of_the_wrong_type_is_refused(he_png, tmp_path, method, key, value, words):
     img = Path(shutil.copy(he_png, tmp_path / "he.png"))
     weights = _weights_with(tmp_path, method, _set(key, value))

@@ -454,10 +454,11 @@ def _inspect_output(out: Path, settings: dict[str, Any], overwrite: bool, same_s
             f"{out} holds tiles of another slide or other settings ({', '.join(diffs)} differ); "
             "pass --overwrite to replace it or choose another -o"
         )
+    if not nucli_wrote(out):  # --overwrite would not replace it either: say so, not "pass --overwrite"
+        check_replaceable(out, True)
     if not overwrite:
         raise OutputExistsError(f"{out} already exists and is not a nucli run store; "
                                 "choose another -o or pass --overwrite")
-    check_replaceable(out, overwrite)
     return None
 
 
