@@ -52,7 +52,7 @@ SPEC = register(
         config=CONFIG,
         builder=_build,
         weights_file="gensegnet_cpu.safetensors",
-        weights_sha256="35ba924bf8f8a9eea38f67ea66c8626a6a63deb72abb4b251196c5570d15addf",
+        weights_sha256="1832465a98a6b2e795b187c089b1e72c8bea4173dc28089172b8d9ce0dd8b64f",
         needs_weights=True,
     )
 )
