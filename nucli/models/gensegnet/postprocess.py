@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nucli.postprocess import centroid_radius
+from nucli.postprocess import centroid_radius, h_maxima_by_region  # noqa: F401 (h_maxima_by_region: also imported from here)
 
 
 @dataclass(frozen=True)
@@ -79,41 +79,6 @@ def instances_from_probs(prob: np.ndarray, params: PostprocessParams = Postproce
     if drop.any():
         labels[drop[labels]] = 0
     return relabel(labels)
-
-
-def h_maxima_by_region(image: np.ndarray, h: float) -> np.ndarray:
-    """``skimage.morphology.h_maxima(image, h)`` for a non-negative float image, computed region by region.
-
-    The grey reconstruction inside ``h_maxima`` sorts every pixel of the image; here it runs
-    on the bounding box of each 8-connected region of ``image > 0`` only (with the other
-    regions zeroed), about 10x faster on a tile of nuclei. Zero pixels separate the regions,
-    so inside every region the result equals the whole-image one (tested); outside the
-    regions it is 0 (``h_maxima`` can mark parts of the zero background, which callers here
-    never use).
-    """
-    from scipy import ndimage as ndi
-    from skimage.morphology import h_maxima
-
-    image = np.asarray(image, dtype=np.float64)
-    h = float(h)
-    resolution = 2 * np.finfo(np.float64).resolution * np.abs(image)
-    reaches = (image - h - resolution) >= 0  # where h_maxima's marker image is >= 0
-    if not reaches.any():  # every marker negative: the background takes part; do it whole
-        return np.where(image > 0, h_maxima(image, h), 0).astype(np.uint8)
-    regions, _ = ndi.label(image > 0, structure=np.ones((3, 3), bool))
-    out = np.zeros(image.shape, np.uint8)
-    for i, sl in enumerate(ndi.find_objects(regions), start=1):
-        if sl is None:
-            continue
-        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-        own = regions[box] == i
-        if not reaches[box][own].any():
-            # the reconstruction is 0 here (it arrives through the zero background): residue = image
-            out[box] |= (own & (image[box] >= h)).astype(np.uint8)
-            continue
-        crop = np.where(own, image[box], 0.0)
-        out[box] |= h_maxima(crop, h).astype(np.uint8) & own
-    return out
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:
