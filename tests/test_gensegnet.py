@@ -267,7 +267,7 @@ def test_h_maxima_by_region_equals_skimage_inside_the_regions():
     from scipy import ndimage as ndi
     from skimage.morphology import h_maxima
 
-    from nucli.models.gensegnet.postprocess import h_maxima_by_region
+    from nucli.postprocess import h_maxima_by_region
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:160, :160]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nucli.postprocess import centroid_radius, h_maxima_by_region  # noqa: F401 (h_maxima_by_region: also imported from here)
+from nucli.postprocess import centroid_radius, h_maxima_by_region
 
 
 @dataclass(frozen=True)
