@@ -73,7 +73,7 @@ def time_stages(entry: dict, pristine: Path, scratch: Path, repeats: int) -> dic
                     raw = method.infer(pixels)
                 add("segment", tm)
             with Timer() as tm:
-                results = method.postprocess(raw)
+                results = method.postprocess_tiles(raw, pixels)
             add("postprocess", tm)
             with Timer() as tm:
                 for i, r in zip(members, results):

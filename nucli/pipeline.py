@@ -183,9 +183,15 @@ def track(total: int, description: str, enabled: bool = True, unit: str = "tiles
         yield lambda n: bar.advance(task, n)
 
 
+def has_model_step(method: Method) -> bool:
+    """Whether ``method`` runs a model in ``infer`` (else all of its work is the CPU post-processing)."""
+    return type(method).infer is not Method.infer or _segments_whole(method)
+
+
 def _segments_whole(method: Method) -> bool:
-    """A method that overrides ``segment`` itself cannot be split into infer/postprocess."""
-    return type(method).segment is not Method.segment
+    """A method that overrides ``segment`` itself cannot be split into infer/postprocess (unless it says
+    that its ``segment`` is ``postprocess_tiles(infer(tiles), tiles)``: ``splits_segment``)."""
+    return type(method).segment is not Method.segment and not getattr(method, "splits_segment", False)
 
 
 class SegmentJob:
@@ -212,15 +218,16 @@ class SegmentJob:
         return np.stack([store.read_tile(i)[:h, :w] for i in batch.members])
 
     def compute(self, method: Method, pixels: np.ndarray):
+        """The model step (the calling thread); the post-processing waits for :meth:`finish`."""
         if self.from_enhanced:
-            return "raw", method.classify(pixels)
+            return "raw", method.classify(pixels), None
         if _segments_whole(method):
-            return "results", method.segment(pixels)
-        return "raw", method.infer(pixels)
+            return "results", method.segment(pixels), None
+        return "raw", method.infer(pixels), pixels
 
     def finish(self, store: RunStore, method: Method, batch, computed) -> None:
-        kind, value = computed
-        results = self._postprocess(method, value) if kind == "raw" else value
+        kind, value, pixels = computed
+        results = self._postprocess(method, value, pixels) if kind == "raw" else value
         if len(results) != len(batch.members):
             raise ProcessingError(
                 f"method '{method.name}' returned {len(results)} results for {len(batch.members)} tiles"
@@ -232,18 +239,24 @@ class SegmentJob:
         self.finish(store, method, batch, self.compute(method, self.load(store, batch)))
         return len(batch.members)
 
-    def _postprocess(self, method: Method, raw) -> list:
-        """``method.postprocess`` of a batch, split over ``post_threads`` threads when the model output is one
-        array of per-tile rows (each tile's post-processing is independent: the same results, in order)."""
+    def _postprocess(self, method: Method, raw, pixels=None) -> list:
+        """``method.postprocess`` (``postprocess_tiles`` when the pixels are at hand) of a batch, split over
+        ``post_threads`` threads when the model output is one array of per-tile rows (each tile's
+        post-processing is independent: the same results, in order)."""
+        def post(r, px):
+            return method.postprocess(r) if px is None else method.postprocess_tiles(r, px)
+
         n = len(raw) if isinstance(raw, np.ndarray) and raw.ndim > 0 else 0
         if self.post_threads == 1 or n < 2:
-            return method.postprocess(raw)
+            return post(raw, pixels)
         from concurrent.futures import ThreadPoolExecutor
 
         k = min(self.post_threads, n)
         bounds = np.linspace(0, n, k + 1).astype(int)
+        spans = list(zip(bounds[:-1], bounds[1:]))
         with ThreadPoolExecutor(k, thread_name_prefix="nucli-post") as pool:
-            parts = pool.map(method.postprocess, [raw[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+            parts = pool.map(post, [raw[a:b] for a, b in spans],
+                             [None if pixels is None else pixels[a:b] for a, b in spans])
             return [r for part in parts for r in part]
 
 
@@ -269,7 +282,7 @@ def segment_store(
     shard=None,
     lock: bool = True,
     device: dict | None = None,
-    post_threads: int = 1,
+    post_threads: int | None = None,
 ) -> SegmentStats:
     """Segment every tile of ``store`` that is not done yet.
 
@@ -281,7 +294,8 @@ def segment_store(
     (``lock=False`` skips that). ``on_batch(n)`` is called after each finished batch.
     ``device`` ({"device", "gpu"}, :meth:`nucli.parallel.device.Device.record`) is added
     to the store's record of the devices that ran the stage. ``post_threads`` > 1
-    post-processes each batch's tiles on that many CPU threads (for a GPU's large batches).
+    post-processes each batch's tiles on that many CPU threads (for a GPU's large batches); None:
+    one per usable CPU for a method without a model step (``watershed``) on the serial runner, else 1.
     """
     from nucli.parallel import Runner, Shard, StoreLock, plan_batches, setup_lock
 
@@ -303,6 +317,10 @@ def segment_store(
         batches = plan_batches(todo, tile_extents(store), bs)
         log.info("segment: %d of %d tiles to do (batch %d%s, %s)", len(todo), total, bs,
                  f", shard {shard}" if shard else "", runner.describe())
+        if post_threads is None:  # no network to keep the cores busy: the tiles of a batch in parallel
+            from nucli.stitching import usable_cpus
+
+            post_threads = usable_cpus(8) if runner.mode == "serial" and not has_model_step(method) else 1
         job = SegmentJob(from_enhanced=uses_stored_enhancement(store, method), post_threads=post_threads)
         if job.from_enhanced and len(todo):
             log.info("segment: using the enhanced tiles stored by `nucli enhance` (generator not rerun)")

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -496,8 +497,50 @@ class _Band:
 # --------------------------------------------------------------------------- driver
 
 
-def stitch_store(store: RunStore, sinks: Sequence[Sink] = (), *, progress: bool = True) -> StitchStats:
-    """Stitch the segmented tiles of ``store`` and feed every global nucleus to ``sinks``."""
+def usable_cpus(limit: int | None = None) -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a SLURM allocation), at most ``limit``."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, limit) if limit else n)
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], threads: int, ahead: int | None = None
+                ) -> Iterator[Any]:
+    """``map(fn, items)`` on ``threads`` threads, in order, at most ``ahead`` results (default 2 per
+    thread) computed ahead of the consumer (memory stays bounded). One thread: plain ``map``."""
+    if threads <= 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    ahead = max(threads, int(ahead or 2 * threads))
+    pending: deque = deque()
+    it = iter(items)
+    with ThreadPoolExecutor(threads, thread_name_prefix="nucli-stitch") as pool:
+        try:
+            for item in it:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def stitch_store(store: RunStore, sinks: Sequence[Sink] = (), *, progress: bool = True,
+                 threads: int | None = None) -> StitchStats:
+    """Stitch the segmented tiles of ``store`` and feed every global nucleus to ``sinks``.
+
+    Each tile's own work (reading it, its tissue area, the outlines and measurements of the nuclei
+    it owns) runs on ``threads`` threads (default: the usable CPUs, at most 4), a few tiles ahead
+    of the merge, which takes the tiles in order and feeds the sinks on the calling thread: the
+    output is the same for any number of threads.
+    """
     from nucli.pipeline import LABELS, SCORES, STAGE, track
     from nucli.postprocess import BRIGHTFIELD, FLUORESCENCE, tissue_pixels
 
@@ -523,6 +566,7 @@ def stitch_store(store: RunStore, sinks: Sequence[Sink] = (), *, progress: bool 
     scores_arr = store.array(SCORES) if frame.has_scores else None
     polarity = BRIGHTFIELD if frame.brightfield else FLUORESCENCE
     stats = StitchStats(tiles=n_tiles, brightfield=frame.brightfield)
+    threads = usable_cpus(4) if threads is None else max(1, int(threads))
 
     order = sorted(range(n_tiles), key=lambda i: (int(idx[i][0]), int(idx[i][1])))
     rows: dict[int, list[int]] = {}
@@ -531,6 +575,7 @@ def stitch_store(store: RunStore, sinks: Sequence[Sink] = (), *, progress: bool 
     row_keys = sorted(rows)
 
     opened: list[Sink] = []
+    prepared: Iterator[tuple[TileView, int, list[Nucleus]]] | None = None
     try:
         for s in sinks:
             opened.append(s)  # before open(): a sink that fails while opening removes what it began
@@ -546,23 +591,30 @@ def stitch_store(store: RunStore, sinks: Sequence[Sink] = (), *, progress: bool 
                 for s in sinks:
                     s.add(nucleus)
 
+        def prepare(i: int) -> tuple[TileView, int, list[Nucleus]]:
+            """A tile's own work (read, tissue, outlines, measurements): independent of the others."""
+            row, col = int(idx[i][0]), int(idx[i][1])
+            w, h = grid.extent(row, col)
+            origin = (int(origins[i][0]), int(origins[i][1]))
+            pixels = store.read_tile(i)[:h, :w]
+            labels = np.asarray(labels_arr[i])[:h, :w]
+            scores = np.asarray(scores_arr[i]) if scores_arr is not None else None
+            core = _core_local(grid, row, col, origin, w, h)
+            tissue = int(tissue_pixels(pixels[core[1]:core[3], core[0]:core[2]], polarity).sum())
+            nuclei = tile_nuclei(labels, pixels, index=i, row=row, col=col, origin=origin, grid=grid, frame=frame,
+                                 scores=scores)
+            return TileView(i, row, col, origin, core, pixels), tissue, nuclei
+
+        prepared = ordered_map(prepare, [i for r in row_keys for i in rows[r]], threads)
         with track(total=n_tiles, description="Stitching", enabled=progress) as advance:
             for k, r in enumerate(row_keys):
                 candidates: list[Nucleus] = []
-                for i in rows[r]:
-                    row, col = int(idx[i][0]), int(idx[i][1])
-                    w, h = grid.extent(row, col)
-                    origin = (int(origins[i][0]), int(origins[i][1]))
-                    pixels = store.read_tile(i)[:h, :w]
-                    labels = np.asarray(labels_arr[i])[:h, :w]
-                    scores = np.asarray(scores_arr[i]) if scores_arr is not None else None
-                    core = _core_local(grid, row, col, origin, w, h)
-                    tissue = tissue_pixels(pixels[core[1]:core[3], core[0]:core[2]], polarity)
-                    stats.tissue_px += int(tissue.sum())
+                for _ in rows[r]:
+                    view, tissue, nuclei = next(prepared)
+                    stats.tissue_px += tissue
                     for s in sinks:
-                        s.add_tile(TileView(i, row, col, origin, core, pixels))
-                    candidates.extend(tile_nuclei(labels, pixels, index=i, row=row, col=col, origin=origin,
-                                                  grid=grid, frame=frame, scores=scores))
+                        s.add_tile(view)
+                    candidates.extend(nuclei)
                     advance(1)
                 stats.residual_overlaps_removed += band.add(candidates)
                 y_next = float(grid.ys[row_keys[k + 1]]) if k + 1 < len(row_keys) else math.inf
@@ -571,9 +623,12 @@ def stitch_store(store: RunStore, sinks: Sequence[Sink] = (), *, progress: bool 
                 stats.nuclei += len(final)
                 for s in sinks:
                     s.flush(watermark)
+        prepared.close()
         for s in sinks:
             s.close()
     except BaseException:
+        if prepared is not None:
+            prepared.close()  # cancels the tiles not started, waits for the running ones
         for s in opened:
             try:
                 s.abort()

@@ -75,12 +75,17 @@ class Method(ABC):
     def postprocess(self, raw: Any) -> list[TileResult]:
         """CPU step: the output of :meth:`infer` -> one :class:`TileResult` per tile."""
 
+    def postprocess_tiles(self, raw: Any, tiles: np.ndarray) -> list[TileResult]:
+        """CPU step with the tiles at hand (a method whose post-processing looks at the pixels
+        overrides this). Default: :meth:`postprocess`."""
+        return self.postprocess(raw)
+
     def segment(self, tiles: np.ndarray) -> list[TileResult]:
         """Tiles (B, H, W, 3) uint8 -> per-tile instance labels."""
         tiles = np.asarray(tiles)
         if tiles.ndim == 3:
             tiles = tiles[None]
-        return self.postprocess(self.infer(tiles))
+        return self.postprocess_tiles(self.infer(tiles), tiles)
 
     def describe(self) -> dict[str, Any]:
         """Settings recorded in the run store (so a rerun with others is refused)."""

@@ -263,11 +263,12 @@ def method_for(method: str | None, weights: Any, dev: Device, precision: str | N
     return m, MethodRecipe.create(m.name, weights, runner.method_device(), precision)
 
 
-def post_threads_for(dev: Device) -> int:
-    """CPU threads that post-process a batch: 1 on the CPU (the model uses the cores), up to 4 beside a GPU."""
+def post_threads_for(dev: Device) -> int | None:
+    """CPU threads that post-process a batch: up to 4 beside a GPU; on the CPU None (the pipeline's rule:
+    1 while a model uses the cores, one per CPU for a method without a model step)."""
     import os
 
-    return min(4, os.cpu_count() or 1) if dev.is_cuda and not dev.remote else 1
+    return min(4, os.cpu_count() or 1) if dev.is_cuda and not dev.remote else None
 
 
 def batch_for(dev: Device, store: Any, method: Any, batch_size: int | None) -> int:

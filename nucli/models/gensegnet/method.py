@@ -89,15 +89,23 @@ class GenSegNet(Method):
     def postprocess(self, raw: np.ndarray) -> list[TileResult]:
         return [TileResult(labels=instances_from_probs(p, self.params)) for p in np.asarray(raw)]
 
-    def segment(self, tiles: np.ndarray) -> list[TileResult]:
-        """Whole images (``nucli evaluate --dataset``): as in a slide run, pale brightfield nuclei dropped.
+    #: ``segment(t)`` is ``postprocess_tiles(infer(t), t)``: a pipeline may run the two steps apart
+    splits_segment = True
 
-        In a slide run the same filter is applied while stitching, with the slide's modality.
+    def segment(self, tiles: np.ndarray) -> list[TileResult]:
+        """Whole images (``nucli evaluate --dataset``) or tiles: as in a slide run, pale brightfield nuclei dropped.
+
+        In a slide run the same filter is applied again while stitching, with the slide's modality.
         """
+        tiles = _check_tiles(tiles)
+        return self.postprocess_tiles(self.infer(tiles), tiles)
+
+    def postprocess_tiles(self, raw: np.ndarray, tiles: np.ndarray) -> list[TileResult]:
+        """:meth:`postprocess`, then the objects too pale to be stained nuclei (brightfield) dropped."""
         from nucli.postprocess import as_rgb, drop_pale
 
         tiles = _check_tiles(tiles)
-        results = self.postprocess(self.infer(tiles))
+        results = self.postprocess(raw)
         min_od = float(self.config.params.get("min_hematoxylin_od") or 0.0)
         if min_od > 0:
             for r, t in zip(results, tiles):
