@@ -163,10 +163,30 @@ def h_maxima_by_region(image: np.ndarray, h: float) -> np.ndarray:
     reaches = (image - h - resolution) >= 0  # where h_maxima's marker image is >= 0
     if not reaches.any():  # every marker negative: the background takes part; do it whole
         return np.where(image > 0, h_maxima(image, h), 0).astype(np.uint8)
-    regions, _ = ndi.label(image > 0, structure=np.ones((3, 3), bool))
+    eight = np.ones((3, 3), bool)
+    regions, n = ndi.label(image > 0, structure=eight)
     out = np.zeros(image.shape, np.uint8)
+    if n == 0:
+        return out
+    # A region with one regional maximum (the usual nucleus) needs no reconstruction: from every pixel an
+    # ascending path leads to that maximum, so the reconstruction is min(image, S), S the region's highest
+    # marker value, and h_maxima's residue test becomes (image - S) >= h -- the same float arithmetic.
+    # A region has one regional maximum when its 3x3 local-maximum pixels form one 8-connected plateau.
+    top = (image >= ndi.maximum_filter(image, size=3, mode="constant", cval=0.0)) & (regions > 0)
+    plateaus, n_plateaus = ndi.label(top, structure=eight)
+    owner = np.zeros(n_plateaus + 1, np.int64)
+    owner[plateaus[top]] = regions[top]
+    single = np.bincount(owner[1:], minlength=n + 1) == 1
+    single[0] = False
+    shifted = image - h - resolution
+    best = np.full(n + 1, -np.inf, dtype=shifted.dtype)
+    inside = regions > 0
+    np.maximum.at(best, regions[inside], shifted[inside])
+    done = single & reaches_any(reaches, regions, n)
+    easy = done[regions]
+    out[easy] = ((image[easy] - best[regions[easy]]) >= h).astype(np.uint8)
     for i, sl in enumerate(ndi.find_objects(regions), start=1):
-        if sl is None:
+        if sl is None or done[i]:
             continue
         box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
         own = regions[box] == i
@@ -177,6 +197,39 @@ def h_maxima_by_region(image: np.ndarray, h: float) -> np.ndarray:
         crop = np.where(own, image[box], 0.0)
         out[box] |= h_maxima(crop, h).astype(np.uint8) & own
     return out
+
+
+def open3(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_opening(mask, structure=np.ones((3, 3)))`` (border treated as background) with
+    separable 3x3 min/max filters: the same pixels, several times faster."""
+    from scipy import ndimage as ndi
+
+    m = np.asarray(mask, dtype=bool).view(np.uint8)
+    eroded = ndi.minimum_filter(m, size=3, mode="constant", cval=0)
+    return ndi.maximum_filter(eroded, size=3, mode="constant", cval=0).view(bool)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes(mask)``: background not 4-connected to the image border is filled.
+    One labelling of the background instead of scipy's iterated dilation: the same pixels."""
+    from scipy import ndimage as ndi
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.size == 0:
+        return mask.copy()
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, bool)
+    for edge in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
+        outside[edge] = True
+    outside[0] = False
+    return ~outside[lab]
+
+
+def reaches_any(reaches: np.ndarray, regions: np.ndarray, n: int) -> np.ndarray:
+    """Per region id 0..n: whether any of its pixels is True in ``reaches``."""
+    return np.bincount(regions[reaches], minlength=n + 1) > 0
 
 
 def _disk(r: int) -> np.ndarray:

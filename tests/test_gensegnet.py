@@ -281,6 +281,27 @@ def test_h_maxima_by_region_equals_skimage_inside_the_regions():
         h = float(rng.choice([0.5, 1.0, 3.0]))
         inside = depth > 0
         assert np.array_equal((h_maxima(depth, h) > 0) & inside, h_maxima_by_region(depth, h) > 0)
+    # plateaus (an unsmoothed distance map, integer steps): the one-maximum shortcut and the loop agree
+    # with skimage too, on regions of one flat top, of a flat ridge joining two tops, and of two tops
+    for _ in range(15):
+        img = np.zeros((120, 120), bool)
+        for _ in range(int(rng.integers(1, 25))):
+            r, c = rng.integers(0, 120, 2)
+            a, b = rng.uniform(1, 12, 2)
+            img |= ((yy[:120, :120] - r) / a) ** 2 + ((xx[:120, :120] - c) / b) ** 2 <= 1
+        for depth in (ndi.distance_transform_edt(img), np.floor(ndi.distance_transform_edt(img)),
+                      ndi.distance_transform_cdt(img).astype(np.float32)):
+            for h in (0.5, 1.0, 2.0):
+                inside = depth > 0
+                assert np.array_equal((h_maxima(depth, h) > 0) & inside, h_maxima_by_region(depth, h) > 0)
+    ridge = np.zeros((12, 30))
+    ridge[3:9, 3:27] = 1.0
+    ridge[5:7, 5:25] = 3.0  # one flat top
+    twin = ridge.copy()
+    twin[5:7, 12:18] = 2.0  # two tops of the same height with a saddle between them
+    for img in (ridge, twin):
+        for h in (0.5, 1.0, 1.5):
+            assert np.array_equal((h_maxima(img, h) > 0) & (img > 0), h_maxima_by_region(img, h) > 0)
     # a lone region too shallow for h: no maximum, as with the whole image... unless it is the only one
     lone = np.zeros((20, 20))
     lone[5:8, 5:8] = 0.4

@@ -190,3 +190,20 @@ def test_split_touching_region_by_region_equals_h_maxima_over_the_whole_tile(mon
             got = pp.split_touching(mask, min_distance=6, h=h)
             assert got.max() > 1
             assert np.array_equal(got, reference(mask, 6, h)), (trial, h)
+
+
+def test_open3_and_fill_holes_are_scipys_opening_and_hole_filling():
+    from scipy import ndimage as ndi
+
+    from nucli.postprocess import fill_holes, open3
+
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        shape = tuple(int(v) for v in rng.integers(1, 70, 2))
+        m = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 3.0)) > rng.uniform(0.3, 0.7)
+        assert np.array_equal(open3(m), ndi.binary_opening(m, structure=np.ones((3, 3), bool))), trial
+        assert np.array_equal(fill_holes(m), ndi.binary_fill_holes(m)), trial
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False
+    assert fill_holes(ring)[4, 4] and not open3(np.eye(5, dtype=bool)).any()

@@ -91,7 +91,7 @@ def instances_from_prob(prob: np.ndarray, params: PostprocessParams = Postproces
         mask = ndi.binary_erosion(mask, structure=(yy * yy + xx * xx) <= r * r)
     if not mask.any():
         return np.zeros(prob.shape, np.int32)
-    mask = ndi.binary_fill_holes(mask)
+    mask = pp.fill_holes(mask)
     labels = pp.split_touching(mask, min_distance=params.min_distance_px, h=params.h)
     return pp.filter_sizes(labels, min_area=params.min_area_px, max_extent=max_extent)
 

@@ -75,8 +75,7 @@ class WatershedMethod(Method):
             if threshold is None:
                 return np.zeros(shape, np.int32)
         mask = channel > float(threshold)
-        mask = ndi.binary_opening(mask, structure=np.ones((3, 3), bool))
-        mask = ndi.binary_fill_holes(mask)
+        mask = pp.fill_holes(pp.open3(mask))  # = ndi.binary_fill_holes(ndi.binary_opening(mask, 3x3))
         labels = pp.split_touching(mask, min_distance=float(p["min_distance_px"]), h=float(p["h"]))
         return pp.filter_sizes(labels, min_area=float(p["min_area_px"]),
                                max_extent=float(self.config.max_nucleus_diameter_px))

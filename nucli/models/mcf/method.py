@@ -44,12 +44,12 @@ def instances_full(p1: np.ndarray, centres: np.ndarray, seg_threshold: float = 0
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
-    from nucli.postprocess import relabel_sequential
+    from nucli.postprocess import fill_holes, relabel_sequential
 
     fg = np.asarray(p1) > seg_threshold
     if not fg.any():
         return np.zeros(fg.shape, np.int32)
-    fg = ndi.binary_fill_holes(fg)
+    fg = fill_holes(fg)
     dist = ndi.gaussian_filter(ndi.distance_transform_edt(fg).astype(np.float32), 1.0) * fg
     markers = np.zeros(fg.shape, np.int32)
     centres = np.asarray(centres, np.int64).reshape(-1, 2)
