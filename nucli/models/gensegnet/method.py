@@ -59,12 +59,30 @@ class GenSegNet(Method):
                     y = net(x)
                 y = y.float()
             elif self.bf16:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    y = net(x)
+                fast = self._bf16_copy(net) if self.channels_last and net is self.unet else None
+                if fast is not None:  # bfloat16 throughout, batch norms folded (nucli.models.cpu_bf16)
+                    y = fast(x.to(torch.bfloat16))
+                else:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        y = net(x)
                 y = y.float()
             else:
                 y = net(x)
         return y[..., :h, :w].contiguous()
+
+    def _bf16_copy(self, net: Any) -> Any:
+        """The bfloat16 inference copy of ``net`` (made once; None for a network without weights).
+
+        Used for the U-Net only: on the CMU slide the copy of the U-Net kept the nuclei of autocast
+        (F1 0.998 at IoU 0.5), while one of the generator moved them more (F1 0.994; probably its
+        residual trunk, which then adds up in bfloat16 over 9 blocks).
+        """
+        cache = self.__dict__.setdefault("_bf16_nets", {})
+        if id(net) not in cache:
+            from nucli.models.cpu_bf16 import inference_copy
+
+            cache[id(net)] = inference_copy(net) if any(True for _ in net.parameters()) else None
+        return cache[id(net)]
 
     def enhance(self, tiles: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 RGB (or (B, H, W) gray) -> (B, H, W) float32 enhanced images in [0, 1]."""
