@@ -59,7 +59,7 @@ def run(
     template_diameter: Annotated[Optional[float], typer.Option("--template-diameter", min=1.0, help="mcf: nucleus diameter (px) for GeoJSON points without one.")] = None,
     from_labels: Annotated[Optional[Path], typer.Option("--from-labels", help="mcf: draw --n template nuclei from this labelled set (experiments).")] = None,
     n_templates: Annotated[int, typer.Option("--n", min=1, help="mcf: number of nuclei drawn by --from-labels.")] = 10,
-    seed: Annotated[int, typer.Option("--seed", help="mcf: seed of the --from-labels draw and of training.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of training (crop sampling, augmentation) with --data; mcf: also of the --from-labels draw.")] = 0,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="mcf: mutual-complementing rounds.")] = 3,
     # --- spatialprior (no labels of the new stain) and synthesis ---
     images: Annotated[Optional[Path], typer.Option("--images", help="spatialprior: unlabelled images of the stain to learn (a folder).")] = None,
