@@ -219,22 +219,68 @@ def choose_zoom(config: Any, segment_at: Callable[[float], list[np.ndarray]]
     return est, (first if est is not None and est.zoom == 1.0 else None)
 
 
+class Zoomed:
+    """One image segmented ``zoom`` times its size: :meth:`working` gives the labels at that size,
+    :meth:`native` those at the image's own size.
+
+    A method that can post-process at another resolution (``Method.postprocess_resampled``)
+    traces the outlines on its maps resampled to the image's pixels; any other has its labels
+    resized nearest-neighbour (:func:`shrink_labels`). The network runs once either way.
+    """
+
+    def __init__(self, method: Any, rgb: np.ndarray, zoom: float):
+        from nucli.models.base import Method
+
+        self.rgb, self.zoom, self._method = rgb, float(zoom), method
+        self._native: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+        self._work = rgb if self.zoom == 1.0 else resize_rgb(rgb, self.zoom)
+        own = getattr(type(method), "postprocess_resampled", Method.postprocess_resampled) \
+            is not Method.postprocess_resampled
+        self._raw = method.infer(self._work[None]) if self.zoom != 1.0 and own else None
+
+    def working(self) -> np.ndarray:
+        if self._labels is None:
+            m, batch = self._method, self._work[None]
+            out = m.segment(batch) if self._raw is None else m.postprocess_tiles(self._raw, batch)
+            self._labels = np.asarray(out[0].labels)
+        return self._labels
+
+    def native(self) -> np.ndarray:
+        if self._native is None:
+            if self.zoom == 1.0:
+                self._native = self.working()
+            elif self._raw is not None:
+                self._native = np.asarray(self._method.postprocess_resampled(self._raw, self.rgb), np.int32)
+            else:
+                self._native = shrink_labels(self.working(), self.rgb.shape[:2])
+        return self._native
+
+
 def segment_image_auto(method: Any, rgb: np.ndarray) -> tuple[np.ndarray, ScaleEstimate | None]:
     """Segment one whole (H, W, 3) image at the zoom its own nuclei call for (:func:`choose_zoom`).
 
     A method without a rule runs once at the image's own resolution (the estimate is then None).
+    The labels come back at the image's own size (:class:`Zoomed`).
     """
+    tried: dict[float, Zoomed] = {}
+
+    def zoomed(z: float) -> Zoomed:
+        if z not in tried:
+            tried[z] = Zoomed(method, rgb, z)
+        return tried[z]
+
     def at(z: float) -> list[np.ndarray]:
-        return [np.asarray(method.segment((rgb if z == 1.0 else resize_rgb(rgb, z))[None])[0].labels)]
+        return [zoomed(z).working()]
 
     est, labels = choose_zoom(method.config, at)
     if est is None:
         return at(1.0)[0], None
-    if not labels:
-        labels = at(est.zoom)
     if est.zoom == 1.0:
-        return labels[0], est
+        return (labels[0] if labels else at(1.0)[0]), est
     log.debug("auto scale: median nucleus %.1f px -> zoom %.2f", est.median_diameter_px or 0.0, est.zoom)
+    if not labels or est.zoom in tried:
+        return zoomed(est.zoom).native(), est
     return shrink_labels(labels[0], rgb.shape[:2]), est
 
 

@@ -301,6 +301,22 @@ def drop_oversized(labels: np.ndarray, max_diameter: float) -> np.ndarray:
     return relabel_sequential(np.where(drop[labels], 0, labels))
 
 
+def resample_maps(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) float probability maps -> (C, H, W), bilinear on pixel centres (as
+    ``skimage.transform.resize`` with ``order=1`` samples an image, so a map of an image
+    resized with :func:`nucli.autoscale.resize_rgb` lands back on the image's own pixels)."""
+    import torch
+    import torch.nn.functional as F
+
+    maps = np.asarray(maps, np.float32)
+    if maps.shape[-2:] == tuple(shape):
+        return maps
+    with torch.inference_mode():
+        out = F.interpolate(torch.from_numpy(np.ascontiguousarray(maps))[None], size=(int(shape[0]), int(shape[1])),
+                            mode="bilinear", align_corners=False)[0]
+    return out.numpy()
+
+
 def relabel_sequential(labels: np.ndarray) -> np.ndarray:
     """Renumber labels 1..n in order of first appearance in row-major order."""
     labels = np.asarray(labels)

@@ -216,14 +216,13 @@ def _load_mpps(dataset: Path) -> dict[str, float]:
 
 def segment_at_mpp(method: Any, image: np.ndarray, image_mpp: float) -> tuple[np.ndarray, float]:
     """Segment an image of known pixel size at the method's working pixel size; labels at the image's size."""
-    from nucli.autoscale import resize_rgb, shrink_labels
+    from nucli.autoscale import Zoomed
 
     zoom = float(image_mpp) / float(method.config.mpp)
     zoom = min(max(zoom, 0.125), 8.0)
     if abs(zoom - 1.0) < 1e-3:
         return np.asarray(method.segment(image[None])[0].labels), 1.0
-    labels = np.asarray(method.segment(resize_rgb(image, zoom)[None])[0].labels)
-    return shrink_labels(labels, image.shape[:2]), zoom
+    return Zoomed(method, image, zoom).native(), zoom
 
 
 def dataset_items(

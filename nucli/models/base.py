@@ -80,6 +80,14 @@ class Method(ABC):
         overrides this). Default: :meth:`postprocess`."""
         return self.postprocess(raw)
 
+    def postprocess_resampled(self, raw: Any, rgb: np.ndarray) -> np.ndarray | None:
+        """Instance labels at the size of ``rgb`` (H, W, 3) from the :meth:`infer` output of one
+        image (batch of 1) that the network saw resized to its working scale: the maps are
+        resampled to the image's own pixels before post-processing, so outlines are traced at
+        the image's resolution rather than enlarged pixel by pixel. None: the method cannot (its
+        labels are then resized nearest-neighbour)."""
+        return None
+
     def segment(self, tiles: np.ndarray) -> list[TileResult]:
         """Tiles (B, H, W, 3) uint8 -> per-tile instance labels."""
         tiles = np.asarray(tiles)

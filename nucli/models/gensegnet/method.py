@@ -130,6 +130,20 @@ class GenSegNet(Method):
                 r.labels = drop_pale(r.labels, as_rgb(t), min_od)
         return results
 
+    def postprocess_resampled(self, raw: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+        """The class probabilities resampled bilinearly to ``rgb``'s pixels, then the watershed with
+        its lengths and areas in the image's pixels; pale brightfield objects dropped as in
+        :meth:`postprocess_tiles`."""
+        from nucli.postprocess import as_rgb, drop_pale, resample_maps
+
+        raw = np.asarray(raw)
+        prob = raw[0] if raw.ndim == 4 else raw
+        rgb = as_rgb(np.asarray(rgb))
+        s = float(np.sqrt(rgb.shape[0] / prob.shape[1] * rgb.shape[1] / prob.shape[2]))  # image px per working px
+        labels = instances_from_probs(resample_maps(prob, rgb.shape[:2]), self.params.scaled(s))
+        min_od = float(self.config.params.get("min_hematoxylin_od") or 0.0)
+        return drop_pale(labels, rgb, min_od) if min_od > 0 else labels
+
     def segment_enhanced(self, enhanced: np.ndarray) -> list[TileResult]:
         """Segment stored enhanced tiles ((B, H, W) uint8 or float) without re-running the generator."""
         return self.postprocess(self.classify(enhanced))

@@ -38,6 +38,15 @@ class PostprocessParams:
         return cls(**{k: type(getattr(cls, k))(d[k]) for k in cls.__dataclass_fields__ if k in d})
 
 
+    def scaled(self, s: float) -> "PostprocessParams":
+        """The same settings for maps resampled ``s`` times (lengths times ``s``, areas times ``s²``)."""
+        if abs(s - 1.0) < 1e-6:
+            return self
+        return PostprocessParams(
+            self.body_threshold, self.background_threshold, self.band_bias * s,
+            max(1, round(self.min_seed_area * s * s)), max(1, round(self.min_area * s * s)),
+            self.split_h * s, round(self.max_diameter * s) if self.max_diameter > 0 else 0)
+
 def instances_from_probs(prob: np.ndarray, params: PostprocessParams = PostprocessParams()) -> np.ndarray:
     """(3, H, W) probabilities (background, body, edge) -> (H, W) int32 labels 1..n."""
     from scipy import ndimage as ndi

@@ -150,6 +150,20 @@ class HARUNetMethod(Method):
         cap = float(self.config.max_nucleus_diameter_px)
         return [TileResult(labels=maps_to_labels(maps, self.config.params, cap)) for maps in np.asarray(raw)]
 
+    def postprocess_resampled(self, raw: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+        """The maps resampled bilinearly to ``rgb``'s pixels, then the same recovery with its areas
+        and the size cap in the image's pixels."""
+        from nucli.postprocess import resample_maps
+
+        raw = np.asarray(raw)
+        maps = raw[0] if raw.ndim == 4 else raw
+        h, w = np.asarray(rgb).shape[:2]
+        s = float(np.sqrt(h / maps.shape[1] * w / maps.shape[2]))  # image px per working px
+        p = {**DEFAULT_PARAMS, **self.config.params}
+        p["min_seed_area"] = max(1, round(int(p["min_seed_area"]) * s * s))
+        p["min_area"] = max(1, round(int(p["min_area"]) * s * s))
+        return maps_to_labels(resample_maps(maps, (h, w)), p, float(self.config.max_nucleus_diameter_px) * s)
+
 
 def build_network(preset: str = "cpu", in_channels: int = 1) -> Any:
     """A freshly initialised HARU-Net of the given preset (torch module)."""
