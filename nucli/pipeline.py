@@ -261,8 +261,11 @@ class SegmentJob:
 
 
 def uses_stored_enhancement(store: RunStore, method: Method) -> bool:
-    """True when ``method`` has a separate enhancement stage and ``store`` holds its complete output."""
+    """True when ``method`` has a separate enhancement stage and ``store`` holds its complete output
+    (never with flip test-time augmentation: the generator then runs on each flip of the tile)."""
     if not (hasattr(method, "classify") and hasattr(method, "enhance")):
+        return False
+    if method.config.params.get("tta"):
         return False
     from nucli.enhance_stage import has_enhanced
 
@@ -456,6 +459,7 @@ def segment_to_outputs(
     runner=None,
     shard=None,
     objects=None,
+    tta: bool | None = None,
 ) -> dict:
     """``nucli segment``: tile (if given a slide), segment, stitch, export. Returns the summary.
 
@@ -467,6 +471,8 @@ def segment_to_outputs(
     With ``shard='i/n'`` the source must be a run store and ``output`` None: only
     that shard's tiles are segmented (no stitch; run ``nucli stitch`` once all
     shards have finished).
+
+    ``tta``: flip test-time augmentation (gensegnet, harunet: 4x the network time; None: as the weights say).
 
     ``objects`` (:func:`nucli.export.cells.object_options`): export cells and/or DAB positivity classes;
     what the slide cannot give (no pixel size for cells, no DAB stain) is refused before segmenting.
@@ -486,14 +492,14 @@ def segment_to_outputs(
     if shard is not None:
         return _segment_shard(source, shard, method=method, weights=weights, batch_size=batch_size, output=output,
                               formats=formats, overlay=overlay, overwrite=overwrite, progress=progress,
-                              device=dev, precision=precision, runner=runner)
+                              device=dev, precision=precision, runner=runner, tta=tta)
     if output is None:
         raise UsageError("-o/--output is required: the GeoJSON file to write (or use --shard i/n on a run store)")
     output = Path(output)
     outputs = resolve_outputs(output, formats)
     inputs = [("the input", source), ("the weights", Path(weights) if weights is not None else None)]
     check_outputs([*outputs.values(), *([Path(overlay)] if overlay else [])], overwrite, inputs=inputs)
-    m, recipe = method_for(method, weights, dev, precision, runner)
+    m, recipe = method_for(method, weights, dev, precision, runner, tta)
 
     if is_run_store(source):
         ignored = [n for n, v in (("--mpp", mpp), ("--mpp-target", mpp_target), ("--tile-size", tile_size),
@@ -533,7 +539,7 @@ def segment_to_outputs(
 
 
 def _segment_shard(source, shard, *, method, weights, batch_size, output, formats, overlay, overwrite, progress,
-                   device, precision, runner) -> dict:
+                   device, precision, runner, tta=None) -> dict:
     """``nucli segment RUN.zarr --shard i/n``: segment this shard's tiles only; the summary."""
     from nucli.errors import UsageError
     from nucli.parallel.device import batch_for, method_for, post_threads_for
@@ -545,7 +551,7 @@ def _segment_shard(source, shard, *, method, weights, batch_size, output, format
     if not is_run_store(source):
         raise UsageError(f"--shard needs a run store: tile once with `nucli tile {source} -o RUN.zarr`, "
                          "then run every shard on RUN.zarr")
-    m, recipe = method_for(method, weights, device, precision, runner)
+    m, recipe = method_for(method, weights, device, precision, runner, tta)
     store = RunStore.open(source, mode="r+")
     bs = batch_for(device, store, m, batch_size)
     seg = segment_store(store, m, batch_size=bs, overwrite=overwrite, progress=progress, runner=runner,

@@ -334,3 +334,20 @@ def test_enhance_runs_on_dask_and_in_shards_with_the_serial_result(tmp_path):
         assert store.done(STAGE).all()
         for i in range(serial.n_tiles):
             assert np.array_equal(store.read(ARRAY, i), serial.read(ARRAY, i))
+
+
+def test_flip_tta_averages_the_four_flips(tmp_path):
+    from nucli.models.registry import build_method
+
+    method = build_method("gensegnet", weights=_tiny_weights(tmp_path))
+    tiles = np.random.default_rng(4).integers(0, 255, (1, 40, 56, 3)).astype(np.uint8)
+    plain = method.infer(tiles)
+    method.config.params["tta"] = True
+    tta = method.infer(tiles)
+    assert tta.shape == plain.shape == (1, 3, 40, 56) and np.allclose(tta.sum(axis=1), 1.0, atol=1e-4)
+    assert not np.allclose(tta, plain, atol=1e-4)  # a random network is not flip-invariant
+    flipped = method.infer(np.ascontiguousarray(tiles[:, ::-1, ::-1]))
+    assert np.allclose(flipped[..., ::-1, ::-1], tta, atol=1e-4)  # the mean over the flip group is invariant
+    manual = sum(np.flip(method.classify(method.enhance(np.ascontiguousarray(np.flip(tiles, d)))), tuple(a + 1 for a in d))
+                 for d in ((), (1,), (2,), (1, 2))) / 4
+    assert np.allclose(manual, tta, atol=1e-5)

@@ -59,6 +59,11 @@ Precision = Annotated[
                  "bf16, fp16 or fp32 (off). The CPU keeps the method's own setting.",
                  metavar="auto|bf16|fp16|fp32", show_default=False),
 ]
+Tta = Annotated[
+    bool,
+    typer.Option("--tta", help="Flip test-time augmentation (gensegnet, harunet): the mean of the network's maps "
+                 "over the 4 flips of each tile; more accurate, 4x the network time."),
+]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")]
 JsonSummary = Annotated[bool, typer.Option("--json", help="Print the final summary as one JSON object.")]

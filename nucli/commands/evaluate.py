@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nucli.commands._common import handle_errors, interrupt_hint, stderr, stdout
-from nucli.commands._options import Device, JsonSummary, Method, Overwrite, Precision, Quiet, Weights
+from nucli.commands._options import Device, JsonSummary, Method, Overwrite, Precision, Quiet, Tta, Weights
 from nucli.errors import UsageError
 
 PredArg = Annotated[
@@ -58,6 +58,7 @@ def run(
     ] = None,
     device: Device = "auto",
     precision: Precision = None,
+    tta: Tta = False,
     per_image: Annotated[bool, typer.Option("--per-image", help="Show a row per image in the table.")] = False,
     output: Annotated[
         Optional[Path], typer.Option("-o", "--output", help="Write the full report (per image + aggregates) as JSON.")
@@ -112,7 +113,7 @@ def run(
         dataset_only = {
             "--method": method, "--weights": weights, "--limit": limit,
             "--modality": modality, "--save-predictions": save_predictions, "--mpp": mpp,
-            "--precision": precision,
+            "--precision": precision, "--tta": tta or None,
         }
         used = [name for name, value in dataset_only.items() if value is not None]
         if used:
@@ -138,7 +139,8 @@ def run(
             with _Progress(show_progress) as progress:
                 reports.append(evaluate_dataset(d, method, weights=weights, limit=limit, modality=modality,
                                                 allow_missing=allow_missing, on_image=progress.update,
-                                                mpp=parse_mpp(mpp), device=device, precision=precision))
+                                                mpp=parse_mpp(mpp), device=device, precision=precision,
+                                                tta=tta or None))
         _finish(MultiSetReport(reports), output, csv_path, json_summary, quiet, per_image)
         return
     with _Progress(show_progress) as progress:
@@ -156,6 +158,7 @@ def run(
                 mpp=parse_mpp(mpp),
                 device=device,
                 precision=precision,
+                tta=tta or None,
             )
         else:
             report = evaluate_paths(pred, gt, allow_missing=allow_missing, on_image=progress.update)

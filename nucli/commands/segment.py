@@ -39,6 +39,7 @@ def run(
     batch_size: opt.OptBatchSize = None,
     device: opt.Device = "auto",
     precision: opt.Precision = None,
+    tta: opt.Tta = False,
     mpp: opt.Mpp = None,
     mpp_target: opt.MppTarget = None,
     tile_size: Annotated[
@@ -100,6 +101,6 @@ def run(
             weights=weights, batch_size=batch_size, mpp=parse_mpp(mpp), mpp_target=mpp_target, tile_size=tile_size,
             overlap=overlap, tissue_mask=tissue_mask, overwrite=overwrite, progress=not (quiet or json_summary),
             device=dev, precision=precision, runner=runner, shard=shard,
-            objects=exported,
+            objects=exported, tta=tta or None,
         )
     print_summary(summary, as_json=json_summary, quiet=quiet, title="nucli segment")

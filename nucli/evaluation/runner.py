@@ -281,6 +281,7 @@ def evaluate_dataset(
     mpp: str | None = None,
     device: Any = "cpu",
     precision: str | None = None,
+    tta: bool | None = None,
 ) -> EvalReport:
     """Run a method over ``DIR/images`` and score it against ``DIR/labels``.
 
@@ -291,7 +292,8 @@ def evaluate_dataset(
     labels brought back to the image's size. ``mpp="auto"``: each image without a
     pixel size is rescaled as far as its own nuclei call for (:mod:`nucli.autoscale`);
     the time then includes the first pass. ``device`` (``auto|cpu|cuda|cuda:N|mps``) and
-    ``precision``: where the method runs (:mod:`nucli.parallel.device`).
+    ``precision``: where the method runs (:mod:`nucli.parallel.device`). ``tta``: flip test-time
+    augmentation (None: as the weights say).
     """
     from nucli.autoscale import AUTO, NATIVE, ratio_for, resolve_mode, segment_image_auto
     from nucli.parallel.device import build_on_device, resolve_device
@@ -312,7 +314,7 @@ def evaluate_dataset(
                 f"{save_predictions} already holds predictions for {len(clash)} image(s) "
                 f"({_listing(clash)}); pass --overwrite to replace them"
             )
-    method = build_on_device(method_name, weights, dev, precision)
+    method = build_on_device(method_name, weights, dev, precision, tta=tta)
     mpp = resolve_mode(mpp, method.config)  # no --mpp: auto for weights trained at one working scale
     mpps = _load_mpps(Path(dataset))
     rows = []

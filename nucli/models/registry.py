@@ -99,9 +99,11 @@ def build_method(
     device: str = "cpu",
     **overrides: Any,
 ) -> Method:
-    """Build a ready-to-use method. ``overrides`` replace config fields."""
+    """Build a ready-to-use method. ``overrides`` replace config fields; ``tta=True`` turns on flip
+    test-time augmentation (methods with ``supports_tta``; the mean over the 4 flips of each tile)."""
     spec = get_spec(name)
     config = spec.config
+    tta = overrides.pop("tta", None)
     if overrides:
         data = config.to_dict()
         for key, value in overrides.items():
@@ -122,4 +124,21 @@ def build_method(
             path = None
         elif spec.weights_sha256 and sha256_of(spec.weights_path) != spec.weights_sha256:
             raise WeightsError(f"shipped weights {spec.weights_path} fail their SHA-256 check; reinstall nucli")
-    return spec.builder(config, path, device)
+    method = spec.builder(config, path, device)
+    if tta is not None:
+        if not getattr(method, "supports_tta", False):
+            if tta:
+                raise UsageError(f"method '{spec.name}' has no test-time augmentation (--tta); "
+                                 f"it is available for {', '.join(tta_methods())}")
+        else:
+            method.config = MethodConfig.from_dict({**method.config.to_dict(),
+                                                    "params": {**method.config.params, "tta": bool(tta)}})
+    return method
+
+
+#: the methods with flip test-time augmentation (their classes set ``supports_tta``)
+TTA_METHODS = ("gensegnet", "harunet")
+
+
+def tta_methods() -> list[str]:
+    return [n for n in TTA_METHODS if n in available()]

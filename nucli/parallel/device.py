@@ -252,15 +252,17 @@ def device_and_runner(device: Any, runner: Any = None) -> tuple[Device, Any]:
     return dev, runner
 
 
-def method_for(method: str | None, weights: Any, dev: Device, precision: str | None, runner: Any) -> tuple[Any, Any]:
+def method_for(method: str | None, weights: Any, dev: Device, precision: str | None, runner: Any,
+               tta: bool | None = None) -> tuple[Any, Any]:
     """The method built here (on ``dev`` for a serial run; on the CPU, for its settings, when Dask workers
-    build their own from the returned recipe) and that recipe (None for a serial run)."""
+    build their own from the returned recipe) and that recipe (None for a serial run). ``tta``: flip
+    test-time augmentation on (True), off (False) or as the weights say (None)."""
     from nucli.parallel import MethodRecipe
 
     if not runner.is_dask:
-        return build_on_device(method, weights, dev, precision), None
-    m = build_on_device(method, weights, CPU)
-    return m, MethodRecipe.create(m.name, weights, runner.method_device(), precision)
+        return build_on_device(method, weights, dev, precision, tta=tta), None
+    m = build_on_device(method, weights, CPU, tta=tta)
+    return m, MethodRecipe.create(m.name, weights, runner.method_device(), precision, tta=tta)
 
 
 def post_threads_for(dev: Device) -> int | None:

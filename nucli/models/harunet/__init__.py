@@ -123,6 +123,9 @@ def maps_to_labels(maps: np.ndarray, params: dict[str, Any] | None = None, max_d
 class HARUNetMethod(Method):
     """Runs the network on a batch of tiles; post-processes maps into instances."""
 
+    #: ``params.tta``: flip test-time augmentation (:func:`predict_maps`)
+    supports_tta = True
+
     def __init__(self, config: MethodConfig, net: Any, device: str = "cpu"):
         from nucli.models.gensegnet.method import use_bf16
 
