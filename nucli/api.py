@@ -48,8 +48,9 @@ def segment_array(
     batch_size: int | None = None,
     device: str = "cpu",
     progress: bool = False,
+    tta: bool = False,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Find the nuclei of an in-memory image.
+    """Find the nuclei of an in-memory image (``tta``: flip test-time augmentation, as ``--tta``).
 
     ``image``: (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA, uint8. ``method``:
     a registered method (default: the default method). ``mpp``: the image's
@@ -89,7 +90,8 @@ def segment_array(
     if mpp is not None and not isinstance(mpp, str) and not (math.isfinite(mpp) and mpp > 0):
         raise UsageError(f"mpp must be a positive number of µm per pixel, got {mpp}")
     rgb = np.ascontiguousarray(as_rgb(arr))
-    m = build_method(method, weights=Path(weights) if weights is not None else None, device=device)
+    m = build_method(method, weights=Path(weights) if weights is not None else None, device=device,
+                     tta=True if tta else None)
     cfg = m.config
     mpp = resolve_mode(mpp, cfg)  # None: auto for weights trained at one working scale
     auto = mpp == AUTO

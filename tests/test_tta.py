@@ -71,3 +71,15 @@ def test_evaluate_with_tta_for_watershed_is_one_line(tmp_path):
     assert "Traceback" not in r.output
     r = runner.invoke(app, ["evaluate", str(d / "labels"), str(d / "labels"), "--tta"])
     assert r.exit_code == 1 and "only apply with --dataset" in r.output
+
+
+def test_segment_array_with_tta(tmp_path):
+    from PIL import Image
+
+    import nucli
+
+    img = np.asarray(Image.open(_png(tmp_path / "a.png")))
+    labels, table = nucli.segment_array(img, method="harunet", mpp="native", tta=True)
+    assert labels.shape == img.shape[:2] and len(table["label"]) == labels.max()
+    with pytest.raises(UsageError):
+        nucli.segment_array(img, method="watershed", tta=True)
