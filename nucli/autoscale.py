@@ -273,15 +273,12 @@ def segment_image_auto(method: Any, rgb: np.ndarray) -> tuple[np.ndarray, ScaleE
     def at(z: float) -> list[np.ndarray]:
         return [zoomed(z).working()]
 
-    est, labels = choose_zoom(method.config, at)
+    est = choose_zoom(method.config, at)[0]  # its label images are those of ``tried``
     if est is None:
-        return at(1.0)[0], None
-    if est.zoom == 1.0:
-        return (labels[0] if labels else at(1.0)[0]), est
-    log.debug("auto scale: median nucleus %.1f px -> zoom %.2f", est.median_diameter_px or 0.0, est.zoom)
-    if not labels or est.zoom in tried:
-        return zoomed(est.zoom).native(), est
-    return shrink_labels(labels[0], rgb.shape[:2]), est
+        return zoomed(1.0).working(), None
+    if est.zoom != 1.0:
+        log.debug("auto scale: median nucleus %.1f px -> zoom %.2f", est.median_diameter_px or 0.0, est.zoom)
+    return zoomed(est.zoom).native(), est
 
 
 def parse_mpp(value: Any) -> float | str | None:

@@ -301,6 +301,16 @@ def drop_oversized(labels: np.ndarray, max_diameter: float) -> np.ndarray:
     return relabel_sequential(np.where(drop[labels], 0, labels))
 
 
+def resample_raw(raw: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """The (C, h, w) maps of one image (or a batch of one, (1, C, h, w)) resampled to ``shape``
+    (:func:`resample_maps`), and the scale: image px per working px (geometric mean of the axes),
+    by which a method's lengths in working px are multiplied."""
+    raw = np.asarray(raw)
+    maps = raw[0] if raw.ndim == 4 else raw
+    s = float(np.sqrt(shape[0] / maps.shape[1] * shape[1] / maps.shape[2]))
+    return resample_maps(maps, shape), s
+
+
 def resample_maps(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(C, h, w) float probability maps -> (C, H, W), bilinear on pixel centres (as
     ``skimage.transform.resize`` with ``order=1`` samples an image, so a map of an image

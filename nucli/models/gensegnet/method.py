@@ -150,13 +150,11 @@ class GenSegNet(Method):
         """The class probabilities resampled bilinearly to ``rgb``'s pixels, then the watershed with
         its lengths and areas in the image's pixels; pale brightfield objects dropped as in
         :meth:`postprocess_tiles`."""
-        from nucli.postprocess import as_rgb, drop_pale, resample_maps
+        from nucli.postprocess import as_rgb, drop_pale, resample_raw
 
-        raw = np.asarray(raw)
-        prob = raw[0] if raw.ndim == 4 else raw
         rgb = as_rgb(np.asarray(rgb))
-        s = float(np.sqrt(rgb.shape[0] / prob.shape[1] * rgb.shape[1] / prob.shape[2]))  # image px per working px
-        labels = instances_from_probs(resample_maps(prob, rgb.shape[:2]), self.params.scaled(s))
+        prob, s = resample_raw(raw, rgb.shape[:2])
+        labels = instances_from_probs(prob, self.params.scaled(s))
         min_od = float(self.config.params.get("min_hematoxylin_od") or 0.0)
         return drop_pale(labels, rgb, min_od) if min_od > 0 else labels
 

@@ -156,16 +156,13 @@ class HARUNetMethod(Method):
     def postprocess_resampled(self, raw: np.ndarray, rgb: np.ndarray) -> np.ndarray:
         """The maps resampled bilinearly to ``rgb``'s pixels, then the same recovery with its areas
         and the size cap in the image's pixels."""
-        from nucli.postprocess import resample_maps
+        from nucli.postprocess import resample_raw
 
-        raw = np.asarray(raw)
-        maps = raw[0] if raw.ndim == 4 else raw
-        h, w = np.asarray(rgb).shape[:2]
-        s = float(np.sqrt(h / maps.shape[1] * w / maps.shape[2]))  # image px per working px
+        maps, s = resample_raw(raw, np.asarray(rgb).shape[:2])
         p = {**DEFAULT_PARAMS, **self.config.params}
         p["min_seed_area"] = max(1, round(int(p["min_seed_area"]) * s * s))
         p["min_area"] = max(1, round(int(p["min_area"]) * s * s))
-        return maps_to_labels(resample_maps(maps, (h, w)), p, float(self.config.max_nucleus_diameter_px) * s)
+        return maps_to_labels(maps, p, float(self.config.max_nucleus_diameter_px) * s)
 
 
 def build_network(preset: str = "cpu", in_channels: int = 1) -> Any:
