@@ -50,9 +50,30 @@ def test_scan_finds_large_nuclei_that_one_pass_cannot_see():
 
 def test_scan_enlarges_small_nuclei_and_stops_at_the_first_zoom_that_suffices():
     calls: list[float] = []
-    est, z, _ = scan_zoom(_fragmenting_net(9.0, calls), 17.0)
+    est, z, _ = scan_zoom(_fragmenting_net(9.0, calls), 17.0, step_up=False)
     assert z == pytest.approx(2.0)  # 9 * 1.5 = 13.5 < 17 <= 9 * 2 = 18
     assert calls[-1] == pytest.approx(2.0) and 2.5 not in calls  # stops there
+
+
+def test_scan_steps_one_zoom_up_while_the_nuclei_stay_whole():
+    calls: list[float] = []
+    est, z, labels = scan_zoom(_fragmenting_net(9.0, calls), 17.0)
+    # 2.0 reaches 18 px; at 2.5 the nuclei are 22.5 px, still whole (fewer, larger): one step up
+    assert z == est.zoom == pytest.approx(2.5)
+    assert calls[-1] == pytest.approx(2.5) and 3.0 not in calls  # one step at most
+    assert est.median_diameter_px == pytest.approx(9.0, rel=0.1)
+    assert labels and labels[0].max() > 0
+
+
+def test_scan_does_not_step_up_into_pieces():
+    calls: list[float] = []
+    est, z, _ = scan_zoom(_fragmenting_net(14.0, calls), 17.0)
+    # 1.25 shows 17.5 px nuclei; at 1.5 (21 px) they are still whole and taken; one step only
+    assert z == pytest.approx(1.5) and 2.0 not in calls
+    calls.clear()
+    est, z, _ = scan_zoom(_fragmenting_net(60.0, calls), 17.0)
+    assert z == pytest.approx(0.35)  # 0.5 would show 30 px nuclei, cut into pieces: not taken
+    assert 0.5 in calls
 
 
 def test_scan_without_nuclei_keeps_the_native_size():
@@ -85,8 +106,9 @@ def test_segment_image_auto_reuses_the_labels_of_the_chosen_zoom():
     rgb[lab > 0] = 200
     m = Fake()
     out, est = segment_image_auto(m, rgb)
-    assert est.zoom == pytest.approx(0.5)  # 41 px: 0.35 shows 14 px, 0.5 shows 20 px
-    assert m.sizes[-1] == 150  # no extra pass after the search
+    # 41 px: 0.35 shows 14 px, 0.5 shows 20 px; 0.6 (25 px, as many, still whole) is one step up
+    assert est.zoom == pytest.approx(0.6)
+    assert m.sizes[-1] == 180 and len(m.sizes) == len(set(m.sizes))  # no extra pass after the search
     assert out.shape == (300, 300) and len(np.unique(out)) - 1 == lab.max()
 
 
