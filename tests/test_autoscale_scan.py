@@ -50,7 +50,7 @@ def test_scan_finds_large_nuclei_that_one_pass_cannot_see():
 
 def test_scan_enlarges_small_nuclei_and_stops_at_the_first_zoom_that_suffices():
     calls: list[float] = []
-    est, z, _ = scan_zoom(_fragmenting_net(9.0, calls), 17.0, step_up=False)
+    est, z, _ = scan_zoom(_fragmenting_net(9.0, calls), 17.0, step_up=False, reject=False)
     assert z == pytest.approx(2.0)  # 9 * 1.5 = 13.5 < 17 <= 9 * 2 = 18
     assert calls[-1] == pytest.approx(2.0) and 2.5 not in calls  # stops there
 
@@ -74,6 +74,31 @@ def test_scan_does_not_step_up_into_pieces():
     est, z, _ = scan_zoom(_fragmenting_net(60.0, calls), 17.0)
     assert z == pytest.approx(0.35)  # 0.5 would show 30 px nuclei, cut into pieces: not taken
     assert 0.5 in calls
+
+
+def _smear_net(calls: list[float]):
+    """A cytology smear: at a tiny zoom the network takes whole cells (25 px there) for nuclei; from
+    0.35 up it finds the real nuclei, 20 px across in the input."""
+    def at(z: float):
+        calls.append(z)
+        if z < 0.3:
+            return [_discs((256, 256), 25.0, 40.0)]
+        return [_discs((256, 256), 20.0 * z, 20.0 * z + 6)]
+    return at
+
+
+def test_scan_rejects_a_pick_whose_objects_shrink_one_zoom_up():
+    calls: list[float] = []
+    est, z, _ = scan_zoom(_smear_net(calls), 17.0, step_up=False, reject=False)
+    assert z == pytest.approx(0.25)  # the cells look like nuclei of the reference size
+    calls.clear()
+    est, z, labels = scan_zoom(_smear_net(calls), 17.0)
+    # 0.25 is rejected (0.35 shows 7 px objects); 1.0 is the first to show nuclei of 17 px or more
+    # (20 px; the 17 px discs of 0.85 measure just under 17), and 1.25 (25 px, whole) is taken
+    assert z == est.zoom == pytest.approx(1.25)
+    assert est.median_diameter_px == pytest.approx(20.0, rel=0.1)
+    assert len(calls) == len(set(calls))  # each zoom segmented once
+    assert labels and labels[0].max() > 0
 
 
 def test_scan_without_nuclei_keeps_the_native_size():
