@@ -171,7 +171,7 @@ def scans(config: Any) -> bool:
 def scan_zoom(segment_at: Callable[[float], list[np.ndarray]], nucleus_diameter_px: float,
               ratio: float = 1.0, step_up: bool = True, reject: bool = True
               ) -> tuple[ScaleEstimate, float, list[np.ndarray]]:
-    """The smallest zoom at which the network finds nuclei at least as large as those it was trained on.
+    """The zoom at which the network finds whole nuclei at least as large as those it was trained on.
 
     A network trained on nuclei of one size (``nucleus_diameter_px``) cuts nuclei that are much
     larger into pieces of about that size, so one pass at the native size cannot see that they are
