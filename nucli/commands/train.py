@@ -53,6 +53,7 @@ def run(
     stain_aug: Annotated[bool, typer.Option("--stain-aug/--no-stain-aug", help="several sets: HED stain, simulated IHC, blur/JPEG/noise augmentation.")] = True,
     lr: Annotated[Optional[float], typer.Option("--lr", min=1e-7, max=1.0, help="several sets: peak learning rate (default 2e-4; constant for the first half, then linear decay to 0).")] = None,
     batch: Annotated[Optional[int], typer.Option("--batch", min=1, max=64, help="several sets: crops per step (default 6 gensegnet, 4 harunet).")] = None,
+    input_channels: Annotated[Optional[int], typer.Option("--input-channels", min=1, max=3, help="several sets, gensegnet: 3 also feeds the red and blue channels of brightfield colour images (1-channel --init weights are widened, new inputs starting at zero); default: as in --init.")] = None,
     # --- mcf only (templates instead of labels) ---
     templates: Annotated[Optional[Path], typer.Option("--templates", help="mcf: folder of nucleus crops, or a GeoJSON of points/boxes (with --template-image).")] = None,
     template_image: Annotated[Optional[Path], typer.Option("--template-image", help="mcf: the image a --templates GeoJSON was drawn on.")] = None,
@@ -113,8 +114,10 @@ def run(
             raise UsageError(f"training on several sets supports --method gensegnet and harunet, not '{name}'")
         if val is not None:
             raise UsageError("with sets (train/ + val/ + index.json) each set's val/ is used; drop --val")
+        if input_channels not in (None, 1, 3):
+            raise UsageError(f"--input-channels takes 1 or 3, not {input_channels}")
         _train_multi(name, data_list, Path(output), init, steps, batch, stain_aug, resume, overwrite, threads, seed,
-                     quiet, json_summary, lr)
+                     quiet, json_summary, lr, input_channels)
         return
     if len(data_list) > 1:
         raise UsageError("several --data folders must each be a set with train/ and val/ (like ../shared/data/monuseg)")
@@ -195,7 +198,7 @@ def _is_multiset(items: list[Path]) -> bool:
 
 
 def _train_multi(name, data, output, init, steps, batch, stain_aug, resume, overwrite, threads, seed, quiet,
-                 json_summary, lr=None) -> None:
+                 json_summary, lr=None, input_channels=None) -> None:
     from nucli.models.registry import get_spec
     from nucli.training import multiset as ms
     from nucli.training.multiset_train import train_multi
@@ -216,7 +219,8 @@ def _train_multi(name, data, output, init, steps, batch, stain_aug, resume, over
         report = (lambda s, n, parts: progress(name, s, n)) if progress else None
         summary = train_multi(name, sets, output, Path(init), steps=steps or 2000,
                               batch=batch or (6 if name == "gensegnet" else 4), stain_aug=stain_aug, seed=seed,
-                              lr=lr or 2e-4, resume=resume, threads=threads, progress=report)
+                              lr=lr or 2e-4, resume=resume, threads=threads, in_channels=input_channels,
+                              progress=report)
     rows = {"weights": summary["weights"], "steps": summary["steps"], "best step": summary["best_step"],
             "wall seconds": summary["wall_s"]}
     rows.update({f"val {k} AJI": round(v["aji"], 4) for k, v in summary["val_crops"].items()})

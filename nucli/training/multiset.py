@@ -247,7 +247,9 @@ class MultiSetSampler:
     """
 
     def __init__(self, sets: list[DataSet], crop: int, batch: int, targets: Callable[[np.ndarray], dict],
-                 seed: int = 0, stain_aug: bool = True, scale_jitter: tuple[float, float] = (0.8, 1.25)):
+                 seed: int = 0, stain_aug: bool = True, scale_jitter: tuple[float, float] = (0.8, 1.25),
+                 channels: int = 1):
+        self.channels = int(channels)
         self.sets = [s for s in sets if s.train and s.weight > 0]  # weight 0: a validation-only set
         if not self.sets:
             raise InputError("no training images in any --data set")
@@ -312,20 +314,20 @@ class MultiSetSampler:
         return rgb, lab, bright
 
     def next(self) -> dict[str, np.ndarray]:
-        from nucli.models.gensegnet.preprocess import normalize
+        from nucli.models.gensegnet.preprocess import normalize_channels
         from nucli.training.data import brightness_jitter
 
         xs: list[np.ndarray] = []
         tg: dict[str, list[np.ndarray]] = {}
         for _ in range(self.batch):
             rgb, lab, bright = self.crop_one()
-            x = normalize(rgb)
+            x = normalize_channels(rgb, self.channels)  # (C, H, W); the same jitter on every channel
             if self.stain_aug:
                 x = brightness_jitter(x, self.rng)
             xs.append(x)
             for k, v in self.targets(lab).items():
                 tg.setdefault(k, []).append(v)
-        out = {"x": np.stack(xs)[:, None].astype(np.float32)}
+        out = {"x": np.stack(xs).astype(np.float32)}
         out.update({k: np.stack(v) for k, v in tg.items()})
         return out
 

@@ -84,7 +84,29 @@ def _harunet_targets(lab: np.ndarray) -> dict[str, np.ndarray]:
             .astype(np.float32)}
 
 
-def _load_init(method: str, init: Path):
+def _widen_input(tensors: dict, params: dict[str, Any], in_channels: int | None) -> None:
+    """Give a 1-channel generator ``in_channels`` inputs; the new ones start with zero weights.
+
+    The widened network computes exactly what the stored one did until training teaches it to
+    use the red and blue channels (``nucli.models.gensegnet.preprocess.normalize_channels``).
+    """
+    import torch
+
+    gen = params.get("generator")
+    if not in_channels or gen is None:
+        return
+    have = int(gen.get("in_channels", 1))
+    if in_channels == have:
+        return
+    if have != 1 or in_channels != 3:
+        raise UsageError(f"--input-channels {in_channels}: only 1-channel weights can be widened to 3 channels")
+    key = "generator.head.0.weight"
+    w = tensors[key]
+    tensors[key] = torch.cat([w, torch.zeros((w.shape[0], in_channels - 1) + tuple(w.shape[2:]), dtype=w.dtype)], 1)
+    params["generator"] = {**gen, "in_channels": in_channels}
+
+
+def _load_init(method: str, init: Path, in_channels: int | None = None):
     """(trainable module, method config dict, make_method(module, params) -> nucli Method)."""
     if method == "gensegnet":
         from nucli.models.base import MethodConfig
@@ -94,6 +116,8 @@ def _load_init(method: str, init: Path):
 
         tensors, stored = load_weights(init, "gensegnet")
         params = {**CONFIG.params, **dict(stored.get("params") or {})}
+        tensors = dict(tensors)
+        _widen_input(tensors, params, in_channels)
         gen, unet = networks_from_params(params)
         load_into(gen, {k[10:]: v for k, v in tensors.items() if k.startswith("generator.")}, init, method)
         load_into(unet, {k[5:]: v for k, v in tensors.items() if k.startswith("unet.")}, init, method)
@@ -122,6 +146,8 @@ def _load_init(method: str, init: Path):
             return HARUNetMethod(MethodConfig.from_dict(cfg), module, "cpu")
 
         return net, base, make
+    if in_channels and in_channels != 1:
+        raise UsageError("--input-channels: only gensegnet takes colour input")
     raise UsageError(f"training on several sets supports gensegnet and harunet, not '{method}'")
 
 
@@ -198,7 +224,7 @@ def train_multi(method: str, sets: list[ms.DataSet], out_dir: Path, init: Path, 
                 crop: int = 256, batch: int = 6, lr: float = 2e-4, seed: int = 0, resume: bool = False,
                 stain_aug: bool = True, val_every: int = 250, ckpt_every: int = 25, threads: int | None = None,
                 limit: int | None = None, val_limit: int | None = VAL_PER_SET, tune_thresholds: bool = True,
-                stop_after: int | None = None,
+                stop_after: int | None = None, in_channels: int | None = None,
                 progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Fine-tune ``method`` from ``init`` on ``sets``; writes ``{method}_multi.safetensors`` + ``.json``."""
     import torch
@@ -211,9 +237,12 @@ def train_multi(method: str, sets: list[ms.DataSet], out_dir: Path, init: Path, 
     t0 = time.time()
     out_dir = Path(out_dir)
     ms.load_sets(sets, out_dir / "cache", limit=limit)
-    module, base, make = _load_init(method, Path(init))
+    if method == "harunet" and in_channels not in (None, 1):
+        raise UsageError("--input-channels: only gensegnet takes colour input")
+    module, base, make = _load_init(method, Path(init), in_channels)
     targets = _gensegnet_targets if method == "gensegnet" else _harunet_targets
-    sampler = ms.MultiSetSampler(sets, crop, batch, targets, seed=seed, stain_aug=stain_aug)
+    channels = int((base["params"].get("generator") or {}).get("in_channels", 1)) if method == "gensegnet" else 1
+    sampler = ms.MultiSetSampler(sets, crop, batch, targets, seed=seed, stain_aug=stain_aug, channels=channels)
     val = ms.val_images(sets, VAL_CROP, val_limit)
     make(module, None)  # outside inference mode: the method puts the networks in channels-last layout once
 
@@ -241,7 +270,7 @@ def train_multi(method: str, sets: list[ms.DataSet], out_dir: Path, init: Path, 
     summary = {
         "method": method, "init": str(init), "steps": run["steps"], "best_step": run["best_step"],
         "wall_s": round(time.time() - t0, 1), "train_wall_s": run["wall_s"], "crop": crop, "batch": batch, "lr": lr,
-        "stain_aug": stain_aug, "working_mpp": ms.WORKING_MPP, "reference_diameter_px": ms.REFERENCE_DIAMETER_PX,
+        "stain_aug": stain_aug, "input_channels": channels, "working_mpp": ms.WORKING_MPP, "reference_diameter_px": ms.REFERENCE_DIAMETER_PX,
         "sets": {s.name: {"path": str(s.root), "weight": s.weight, "train": len(s.train), "val": len(s.val)}
                  for s in sets},
         "sampling": sampler.probabilities(), "postprocess": pp, "val_crops": per_set,

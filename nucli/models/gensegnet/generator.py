@@ -61,7 +61,11 @@ class ResCBAM(nn.Module):
 
 
 class Generator(nn.Module):
-    """Gray image (B, 1, H, W) in [0, 1] -> enhanced image (B, 1, H, W) in [0, 1].
+    """Gray image (B, in_channels, H, W) in [0, 1] -> enhanced image (B, 1, H, W) in [0, 1].
+
+    ``in_channels`` 3: the gray, red and blue channels of
+    :func:`nucli.models.gensegnet.preprocess.normalize_channels` (the gray one first; the input
+    skip sees the gray channel only).
 
     ``channels`` is C (the first feature width); each of ``n_down`` stride-2
     convolutions doubles the width up to ``max_channels``. ``input_skip`` feeds
@@ -71,11 +75,12 @@ class Generator(nn.Module):
     """
 
     def __init__(self, channels: int = 64, n_down: int = 2, n_blocks: int = 9, max_channels: int = 256,
-                 input_skip: bool = False):
+                 input_skip: bool = False, in_channels: int = 1):
         super().__init__()
         self.stride = 2 ** n_down
         self.input_skip = input_skip
-        self.head = _conv_bn_relu(1, channels, k=7)
+        self.in_channels = int(in_channels)
+        self.head = _conv_bn_relu(self.in_channels, channels, k=7)
         widths = [channels]
         down = []
         for _ in range(n_down):
@@ -94,7 +99,7 @@ class Generator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.up(self.blocks(self.down(self.head(x))))
         if self.input_skip:
-            f = torch.cat([f, x], dim=1)
+            f = torch.cat([f, x[:, :1]], dim=1)
         return torch.sigmoid(self.tail(f))
 
 

@@ -89,8 +89,20 @@ class GenSegNet(Method):
         from nucli.models.gensegnet.preprocess import normalize_batch
 
         tiles = _check_tiles(tiles)
-        gray = normalize_batch(tiles)
-        return self._run(self.generator, self._to_tensor(gray))[:, 0].cpu().numpy()
+        channels = self.in_channels
+        x = normalize_batch(tiles, channels)
+        if channels == 1:
+            return self._run(self.generator, self._to_tensor(x))[:, 0].cpu().numpy()
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        return self._run(self.generator, t)[:, 0].cpu().numpy()
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the generator: 1 (gray) or 3 (gray, red, blue; see ``preprocess``)."""
+        gen = (self.config.params or {}).get("generator") or {}
+        return int(gen.get("in_channels", 1))
 
     def classify(self, enhanced: np.ndarray) -> np.ndarray:
         """(B, H, W) enhanced images (float in [0, 1] or uint8) -> (B, 3, H, W) float32 probabilities."""
