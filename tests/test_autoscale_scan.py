@@ -101,6 +101,29 @@ def test_scan_rejects_a_pick_whose_objects_shrink_one_zoom_up():
     assert labels and labels[0].max() > 0
 
 
+def test_scan_rejects_cells_that_shrink_into_nuclei_over_two_zooms():
+    """Cells at 0.25 (25 px); at 0.35 the network still merges most nuclei (18 px objects, only 0.72x);
+    from 0.5 up it finds the real nuclei, 20 px across in the input."""
+    import nucli.autoscale as A
+
+    def at(z: float):
+        if z < 0.3:
+            return [_discs((256, 256), 25.0, 40.0)]
+        if z < 0.4:
+            return [_discs((256, 256), 18.0, 30.0)]
+        return [_discs((256, 256), 20.0 * z, 20.0 * z + 6)]
+
+    est, z, _ = scan_zoom(at, 17.0)
+    assert z >= 1.0  # 0.5 shows 10 px objects (< 0.6 x 25): 0.25 is rejected, and so is 0.35
+    old = A.REJECT_TWO_AHEAD_BELOW
+    try:
+        A.REJECT_TWO_AHEAD_BELOW = 0.0  # one zoom ahead only: 18 px is not a shrink below 0.6x
+        est, z, _ = scan_zoom(at, 17.0)
+        assert z == pytest.approx(0.25)
+    finally:
+        A.REJECT_TWO_AHEAD_BELOW = old
+
+
 def test_scan_without_nuclei_keeps_the_native_size():
     est, z, labels = scan_zoom(lambda z: [np.zeros((64, 64), np.int32)], 17.0)
     assert z == 1.0 and est.n_nuclei == 0 and labels == []
@@ -133,7 +156,8 @@ def test_segment_image_auto_reuses_the_labels_of_the_chosen_zoom():
     out, est = segment_image_auto(m, rgb)
     # 41 px: 0.35 shows 14 px, 0.5 shows 20 px; 0.6 (25 px, as many, still whole) is one step up
     assert est.zoom == pytest.approx(0.6)
-    assert m.sizes[-1] == 180 and len(m.sizes) == len(set(m.sizes))  # no extra pass after the search
+    # no extra pass after the search (the last pass, 0.7, is the reject test's second look ahead)
+    assert 180 in m.sizes and m.sizes[-1] == 210 and len(m.sizes) == len(set(m.sizes))
     assert out.shape == (300, 300) and len(np.unique(out)) - 1 == lab.max()
 
 
