@@ -52,7 +52,7 @@ SPEC = register(
         config=CONFIG,
         builder=_build,
         weights_file="gensegnet_cpu.safetensors",
-        weights_sha256="1832465a98a6b2e795b187c089b1e72c8bea4173dc28089172b8d9ce0dd8b64f",
+        weights_sha256="bac934e511ffd160b1d1d4f6ebc0aa934f9de5e82b48a395ef2e2fce1cfb3b72",
         needs_weights=True,
     )
 )
