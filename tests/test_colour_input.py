@@ -52,14 +52,30 @@ def test_gray_and_fluorescence_images_repeat_the_gray_channel():
     assert normalize_batch(np.stack([_he_tile()]), 1).shape == (1, 64, 64)
 
 
-def test_widened_generator_starts_as_the_stored_one_and_learns_colour_weights():
+def _gray_weights(path: Path) -> Path:
+    """A gensegnet weights file with a 1-channel (gray-input) generator: the shipped weights' gray
+    channel filter is the sum of their three input filters (what they apply to a gray image)."""
+    import torch
+
     from nucli.models.registry import get_spec
+    from nucli.models.weights_io import load_weights, save_weights
+
+    tensors, cfg = load_weights(get_spec("gensegnet").weights_path, "gensegnet")
+    tensors = dict(tensors)
+    w = tensors["generator.head.0.weight"]
+    tensors["generator.head.0.weight"] = w.sum(1, keepdim=True) if w.shape[1] != 1 else w
+    cfg = json.loads(json.dumps(cfg))
+    cfg["params"]["generator"].pop("in_channels", None)
+    return save_weights(path, {k: torch.as_tensor(v) for k, v in tensors.items()}, "gensegnet", cfg)
+
+
+def test_widened_generator_starts_as_the_stored_one_and_learns_colour_weights(tmp_path):
     from nucli.training.multiset_train import _load_init
 
-    init = get_spec("gensegnet").weights_path
-    one, _, make1 = _load_init("gensegnet", init)
+    init = _gray_weights(tmp_path / "gray.safetensors")
+    one, base1, make1 = _load_init("gensegnet", init)
     three, base, make3 = _load_init("gensegnet", init, 3)
-    assert base["params"]["generator"]["in_channels"] == 3
+    assert base["params"]["generator"]["in_channels"] == 3 and "in_channels" not in base1["params"]["generator"]
     assert three.generator.head[0].weight.shape[1] == 3
     assert float(three.generator.head[0].weight.detach()[:, 1:].abs().sum()) == 0.0
     tiles = np.stack([_he_tile(96)])
@@ -102,6 +118,7 @@ def test_train_cli_widens_to_colour_and_the_weights_load(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run([NUCLI, "train", "--method", "gensegnet", "--data", str(he), "--data", str(fl),
                           "-o", str(out), "--steps", "2", "--batch", "1", "--threads", "1", "--input-channels", "3",
+                          "--init", str(_gray_weights(tmp_path / "gray.safetensors")),
                           "--quiet", "--json"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     w = out / "gensegnet_multi.safetensors"
@@ -116,3 +133,21 @@ def test_train_cli_widens_to_colour_and_the_weights_load(tmp_path):
                           "-o", str(tmp_path / "h"), "--steps", "1", "--input-channels", "3"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "only gensegnet" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_shipped_weights_take_colour_and_a_mismatched_file_is_a_clear_error(tmp_path):
+    import torch
+
+    from nucli.errors import WeightsError
+    from nucli.models.registry import build_method, get_spec
+    from nucli.models.weights_io import load_weights, save_weights
+
+    m = build_method("gensegnet")
+    assert m.in_channels == 3
+    tensors, cfg = load_weights(get_spec("gensegnet").weights_path, "gensegnet")
+    cfg = json.loads(json.dumps(cfg))
+    cfg["params"]["generator"]["in_channels"] = 1  # claims gray input, holds a 3-channel filter
+    bad = save_weights(tmp_path / "bad.safetensors", {k: torch.as_tensor(v) for k, v in tensors.items()},
+                       "gensegnet", cfg)
+    with pytest.raises(WeightsError):
+        build_method("gensegnet", weights=bad)
