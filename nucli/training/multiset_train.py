@@ -146,8 +146,6 @@ def _load_init(method: str, init: Path, in_channels: int | None = None):
             return HARUNetMethod(MethodConfig.from_dict(cfg), module, "cpu")
 
         return net, base, make
-    if in_channels and in_channels != 1:
-        raise UsageError("--input-channels: only gensegnet takes colour input")
     raise UsageError(f"training on several sets supports gensegnet and harunet, not '{method}'")
 
 

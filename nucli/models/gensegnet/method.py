@@ -40,10 +40,12 @@ class GenSegNet(Method):
         self.stride = int(np.lcm(generator.stride, unet.stride))
 
     # ------------------------------------------------------------ model steps
-    def _to_tensor(self, gray: np.ndarray):
+    def _to_tensor(self, x: np.ndarray):
+        """(B, H, W) -> (B, 1, H, W) tensor; (B, C, H, W) as it is."""
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[:, None].to(self.device)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return (t[:, None] if t.ndim == 3 else t).to(self.device)
 
     def _run(self, net: Any, x):
         import torch
@@ -89,14 +91,8 @@ class GenSegNet(Method):
         from nucli.models.gensegnet.preprocess import normalize_batch
 
         tiles = _check_tiles(tiles)
-        channels = self.in_channels
-        x = normalize_batch(tiles, channels)
-        if channels == 1:
-            return self._run(self.generator, self._to_tensor(x))[:, 0].cpu().numpy()
-        import torch
-
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-        return self._run(self.generator, t)[:, 0].cpu().numpy()
+        x = normalize_batch(tiles, self.in_channels)
+        return self._run(self.generator, self._to_tensor(x))[:, 0].cpu().numpy()
 
     @property
     def in_channels(self) -> int:
