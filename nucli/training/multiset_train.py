@@ -239,7 +239,7 @@ def train_multi(method: str, sets: list[ms.DataSet], out_dir: Path, init: Path, 
         raise UsageError("--input-channels: only gensegnet takes colour input")
     module, base, make = _load_init(method, Path(init), in_channels)
     targets = _gensegnet_targets if method == "gensegnet" else _harunet_targets
-    channels = int((base["params"].get("generator") or {}).get("in_channels", 1)) if method == "gensegnet" else 1
+    channels = getattr(getattr(module, "generator", None), "in_channels", 1)  # harunet / PassThrough: 1
     sampler = ms.MultiSetSampler(sets, crop, batch, targets, seed=seed, stain_aug=stain_aug, channels=channels)
     val = ms.val_images(sets, VAL_CROP, val_limit)
     make(module, None)  # outside inference mode: the method puts the networks in channels-last layout once
